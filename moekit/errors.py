@@ -1,0 +1,5 @@
+"""The error types moekit raises for bad user input; the CLI prints them as one line."""
+
+
+class MoekitError(Exception):
+    """Base of every error caused by user input (configs, files, checkpoints, arguments)."""
