@@ -124,6 +124,8 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     n_group: int = 1  # group-limited routing (DeepSeek-V3): experts in n_group groups ...
     topk_group: int = 1  # ... keep the best topk_group groups, then top-k inside them
+    # How a group is scored: the sum of its top-2 scores (DeepSeek-V3) or its best score (V2).
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
     router_bias: bool = False  # gpt-oss: the gate Linear has a bias
     expert_bias: bool = False  # gpt-oss: expert projections have biases
     # A per-expert bias added to scores for *selection only* (DeepSeek-V3's
@@ -161,6 +163,7 @@ class MoEConfig:
             raise ConfigError("moe.shared_expert_gate needs moe.n_shared_experts >= 1")
         _choice("moe.router", self.router, ROUTERS)
         _choice("moe.score_func", self.score_func, ("softmax", "sigmoid"))
+        _choice("moe.group_score", self.group_score, ("top2_sum", "max"))
         _positive("moe.routed_scaling_factor", self.routed_scaling_factor)
         if self.n_routed_experts % self.n_group:
             raise ConfigError(

@@ -1,0 +1,77 @@
+"""The MoE block every architecture configures: route -> dispatch -> experts -> combine (+ shared).
+
+Shapes: B batch, T tokens (B*T flattened), D width, E routed experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.layers.dispatch import combine, permute, sort_by_expert
+from moekit.layers.experts import Experts, _swiglu
+from moekit.layers.mlp import FeedForward
+from moekit.layers.router import Router, Routing
+
+
+class MoE(nn.Module):
+    """Sparse FFN: routed experts chosen per token, plus always-on shared experts.
+
+    ``impl`` picks the routed-expert computation: an ``EXPERT_IMPLS`` name ("loop",
+    "grouped_mm") or "reference", the plain masked loop over all experts kept for checking.
+    """
+
+    def __init__(self, cfg: MoEConfig, d_model: int, impl: str = "loop"):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg, d_model)
+        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.expert_ffn_dim, bias=cfg.expert_bias)
+        self.impl = impl
+        if cfg.n_shared_experts:
+            assert cfg.shared_ffn_dim is not None
+            self.shared_experts = FeedForward(d_model, cfg.n_shared_experts * cfg.shared_ffn_dim)
+            self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        else:
+            self.shared_experts = self.shared_gate = None
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, name: str) -> None:
+        if name != "reference":
+            self.experts.impl = name
+        self._impl = name
+
+    def forward(self, x_BTD: Tensor) -> tuple[Tensor, Routing]:
+        shape = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, shape[-1])
+        routing = self.router(x_TD)
+        if self._impl == "reference":
+            y_TD = reference_routed(self.experts, x_TD, routing)
+        else:
+            d = sort_by_expert(routing.idx_TK, self.cfg.n_routed_experts, routing.keep_TK)
+            y_ND = self.experts(permute(x_TD, d), d.counts_E)
+            y_TD = combine(y_ND, d, routing.weights_TK, x_TD.shape[0])
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:  # Qwen2-MoE
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        return y_TD.view(shape), routing
+
+
+def reference_routed(ex: Experts, x_TD: Tensor, routing: Routing) -> Tensor:
+    """The obviously-correct masked loop over every expert (as many reference codes do)."""
+    out_TD = torch.zeros_like(x_TD)
+    keep_TK = routing.keep_TK if routing.keep_TK is not None else torch.ones_like(routing.idx_TK, dtype=torch.bool)
+    for e in range(ex.n_experts):
+        tok, slot = torch.where((routing.idx_TK == e) & keep_TK)
+        if tok.numel() == 0:
+            continue
+        bias = [None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2)]
+        y = _swiglu(x_TD[tok], ex.w1[e], ex.w3[e], ex.w2[e], *bias)
+        out_TD = out_TD.index_add(0, tok, y * routing.weights_TK[tok, slot, None].to(y.dtype))
+    return out_TD

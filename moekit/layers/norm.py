@@ -1,0 +1,14 @@
+"""Normalisation layers: RMSNorm (most MoE LMs) or LayerNorm with bias (PhiMoE)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """``nn.RMSNorm`` or ``nn.LayerNorm`` (with bias) over the last ``dim`` features."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm kind {kind!r}")

@@ -1,0 +1,133 @@
+"""The decoder-only causal LM, built only from ``moekit.layers``.
+
+embed -> [RMSNorm -> attention -> + -> RMSNorm -> dense FFN or MoE -> +] x L -> norm -> head.
+Shapes: B batch, T tokens, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import ModelConfig
+from moekit.layers.attention import build_attention
+from moekit.layers.experts import Experts
+from moekit.layers.mlp import FeedForward
+from moekit.layers.moe import MoE
+from moekit.layers.norm import build_norm
+from moekit.layers.router import Routing
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns; ``.logits`` as transformers users expect."""
+
+    logits: Tensor  # [B, T, V]
+    loss: Tensor | None = None  # next-token cross-entropy when labels are given
+    routing: list[Routing] = field(default_factory=list)  # one per MoE layer, in layer order
+    moe_layer_ids: list[int] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = build_attention(cfg.attention, cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        if self.is_moe:
+            assert cfg.moe is not None
+            self.ffn: nn.Module = MoE(cfg.moe, cfg.d_model)
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.dense_ffn_dim)
+
+    def forward(self, x_BTD: Tensor, positions_T: Tensor) -> tuple[Tensor, Routing | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T)
+        h_BTD = self.ffn_norm(x_BTD)
+        if self.is_moe:
+            y_BTD, routing = self.ffn(h_BTD)
+            return x_BTD + y_BTD, routing
+        return x_BTD + self.ffn(h_BTD), None
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, zero biases, unit norms; output projections scaled by 1/sqrt(2L)."""
+        out_std = std / (2 * self.config.n_layers) ** 0.5
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=out_std if name.endswith(("o_proj", "w2")) else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.w1, std=std)
+                nn.init.normal_(module.w3, std=std)
+                nn.init.normal_(module.w2, std=out_std)
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Switch every MoE layer's expert computation ("loop", "grouped_mm", "reference")."""
+        for block in self.layers:
+            if block.is_moe:
+                block.ffn.impl = impl
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
+        """``labels`` follow transformers: same shape as ``input_ids``, shifted inside, -100 ignored."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        t = input_ids.shape[1]
+        positions_T = torch.arange(t, device=input_ids.device)
+        x_BTD = self.embed(input_ids)
+        routings, moe_ids = [], []
+        for block in self.layers:
+            x_BTD, routing = block(x_BTD, positions_T)
+            if routing is not None:
+                routings.append(routing)
+                moe_ids.append(block.layer_id)
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return ModelOutput(logits=logits_BTV, loss=loss, routing=routings, moe_layer_ids=moe_ids)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None) -> Tensor:
+        """Greedy (temperature 0) or sampled continuation; recomputes the prefix each step."""
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits_BV = self(ids[:, -self.config.max_seq_len :]).logits[:, -1].float()
+            if temperature <= 0:
+                nxt = logits_BV.argmax(dim=-1, keepdim=True)
+            else:
+                logits_BV = logits_BV / temperature
+                if top_k is not None:
+                    kth = logits_BV.topk(min(top_k, logits_BV.shape[-1])).values[:, -1:]
+                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+                nxt = torch.multinomial(logits_BV.softmax(dim=-1), 1)
+            ids = torch.cat([ids, nxt], dim=1)
+        return ids
