@@ -147,7 +147,11 @@ class MoEConfig:
     moe_every: int = 1
     moe_layers: list[int] | None = None
 
-    def validate(self, n_layers: int) -> None:
+    def __post_init__(self) -> None:
+        self.validate(None)
+
+    def validate(self, n_layers: int | None) -> None:
+        """Check every field; layer indices are range-checked once ``n_layers`` is known."""
         for name in ("n_routed_experts", "top_k", "expert_ffn_dim", "n_group", "topk_group", "moe_every"):
             _positive(f"moe.{name}", getattr(self, name))
         if self.top_k > self.n_routed_experts:
@@ -185,6 +189,8 @@ class MoEConfig:
                 raise ConfigError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
         if self.first_k_dense < 0:
             raise ConfigError(f"moe.first_k_dense must be >= 0, got {self.first_k_dense}")
+        if n_layers is None:
+            return
         if self.moe_layers is not None:
             for i in self.moe_layers:
                 if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers:
@@ -356,7 +362,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(data) - names)
     dot = f"{prefix}." if prefix else ""
     if unknown:
-        raise ConfigError(f"unknown config key {dot}{unknown[0]!r}; known keys: {sorted(names)}")
+        raise ConfigError(f"unknown config key '{dot}{unknown[0]}'; known keys: {', '.join(sorted(names))}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
