@@ -131,10 +131,16 @@ class MoEConfig:
     # A per-expert bias added to scores for *selection only* (DeepSeek-V3's
     # e_score_correction_bias; auxiliary-loss-free balancing updates it). A buffer, not a weight.
     selection_bias: bool = False
-    capacity_factor: float | None = None  # None: dropless; else GShard/Switch token dropping
+    # Token choice: None is dropless, else each expert keeps ceil(T * K * cf / E) assignments
+    # (GShard/Switch dropping). expert_choice: each expert takes ceil(T * cf / E) tokens; None
+    # means cf = top_k (the compute of token-choice top-k).
+    capacity_factor: float | None = None
     router_noise_std: float = 1.0  # noisy_topk: scale of the learned-noise term (training only)
+    hash_seed: int = 0  # hash router: seed of its fixed random token id -> expert table
     # Balancing coefficients (0 disables) ----------------------------------------------------
-    aux_loss_coef: float = 0.0  # Switch/GShard: N * sum_i f_i * P_i ; DeepSeekMoE alpha_1
+    # Switch/GShard E * sum_i f_i * P_i, which is also DeepSeekMoE's expert-level loss (alpha_1):
+    # the two formulas coincide (see moekit.balancing.switch_aux_loss).
+    aux_loss_coef: float = 0.0
     device_loss_coef: float = 0.0  # DeepSeekMoE device-level loss alpha_2
     n_devices: int = 1  # experts grouped into this many devices for the device-level loss
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
@@ -187,6 +193,11 @@ class MoEConfig:
         for name in ("aux_loss_coef", "device_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "aux_free_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
+        if self.router_noise_std < 0:
+            raise ConfigError(f"moe.router_noise_std must be >= 0, got {self.router_noise_std}")
+        if isinstance(self.hash_seed, bool) or not isinstance(self.hash_seed, int) or self.hash_seed < 0:
+            raise ConfigError(f"moe.hash_seed must be an integer >= 0, got {self.hash_seed!r}")
+        self._validate_router_combination()
         if self.first_k_dense < 0:
             raise ConfigError(f"moe.first_k_dense must be >= 0, got {self.first_k_dense}")
         if n_layers is None:
@@ -200,6 +211,27 @@ class MoEConfig:
             self.moe_layers = sorted(self.moe_layers)
         elif self.first_k_dense > n_layers:
             raise ConfigError(f"moe.first_k_dense ({self.first_k_dense}) must be <= n_layers ({n_layers})")
+
+    def _validate_router_combination(self) -> None:
+        """Reject settings a router would silently ignore."""
+        if self.router == "switch":
+            if self.top_k != 1:
+                raise ConfigError(f"moe.top_k must be 1 for router='switch' (top-1 routing), got {self.top_k}")
+            if self.score_func != "softmax":
+                raise ConfigError("moe.score_func must be 'softmax' for router='switch'")
+        if self.router in ("hash", "expert_choice"):
+            # Hash routing has no learned scores; expert choice ranks tokens per expert, so a
+            # per-expert bias cannot change its choice, and groups do not apply.
+            if self.uses_selection_bias:
+                raise ConfigError(f"moe.selection_bias / moe.aux_free_rate have no effect with router={self.router!r}")
+            if self.n_group > 1:
+                raise ConfigError(f"moe.n_group must be 1 with router={self.router!r} (no group-limited routing)")
+            why = "has no learned router" if self.router == "hash" else "is balanced by construction"
+            names = ("aux_loss_coef", "device_loss_coef", "seq_aux_loss_coef")
+            names += ("z_loss_coef",) if self.router == "hash" else ()
+            for name in names:
+                if getattr(self, name) > 0:
+                    raise ConfigError(f"moe.{name} must be 0: router={self.router!r} {why}")
 
     def is_moe_layer(self, i: int) -> bool:
         if self.moe_layers is not None:
