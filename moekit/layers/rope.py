@@ -21,7 +21,8 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> tuple[Tensor, float]:
     """Inverse frequencies ``[R/2]`` and the factor cos/sin are multiplied by.
 
-    Supports no scaling, "linear", and "yarn" (DeepSeek-V3's long-context scaling, Peng et al. 2023).
+    Supports no scaling, "linear", "llama3" (Llama 3/4: low frequencies divided by ``factor``,
+    high ones kept, a smooth ramp between) and "yarn" (DeepSeek-V3, gpt-oss; Peng et al. 2023).
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -30,6 +31,13 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
     factor = float(scaling.get("factor", 1.0))
     if kind == "linear":
         return (inv_freq / factor).float(), 1.0
+    if kind == "llama3":
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+        # smooth = 0 for long wavelengths (scaled fully), 1 for short ones (kept).
+        return ((1 - smooth) * inv_freq / factor + smooth * inv_freq).float(), 1.0
     if kind == "yarn":
         base_len = scaling.get("original_max_position_embeddings")
         if base_len is None:
@@ -54,7 +62,7 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
             else:
                 attention_factor = _yarn_mscale(factor)
         return inv_freq.float(), float(attention_factor)
-    raise ConfigError(f"attention.rope_scaling type {kind!r} is not supported (expected linear or yarn)")
+    raise ConfigError(f"attention.rope_scaling type {kind!r} is not supported (expected linear, llama3 or yarn)")
 
 
 class RotaryEmbedding(nn.Module):

@@ -1,0 +1,77 @@
+"""Rotary embedding: rotation properties and scaled frequencies against transformers'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.config import ConfigError
+from moekit.layers.rope import RotaryEmbedding, apply_rope, rope_frequencies
+
+
+def test_rotation_preserves_norm_and_encodes_relative_position():
+    rope = RotaryEmbedding(16, 10000.0)
+    q, k = torch.randn(16), torch.randn(16)
+    cos, sin = rope(torch.arange(20))
+    rq, rk = apply_rope(q.expand(20, 16), cos, sin), apply_rope(k.expand(20, 16), cos, sin)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(20))
+    # <R_m q, R_n k> depends only on m - n.
+    torch.testing.assert_close(rq[5] @ rk[2], rq[15] @ rk[12], atol=1e-4, rtol=1e-4)
+
+
+def test_interleaved_layout_is_a_permutation_of_halves():
+    cos, sin = RotaryEmbedding(8, 100.0)(torch.arange(3))
+    x = torch.randn(3, 8)
+    perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+    torch.testing.assert_close(apply_rope(x, cos, sin, interleaved=True), apply_rope(x[:, perm], cos, sin))
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        {
+            "rope_type": "yarn",
+            "factor": 40.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+        },
+        {
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096,
+        },
+        {"rope_type": "linear", "factor": 4.0},
+    ],
+)
+def test_scaled_frequencies_match_transformers(scaling):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theta, dim = 50000.0, 64
+    cfg = transformers.LlamaConfig(
+        hidden_size=dim * 2,
+        num_attention_heads=2,
+        max_position_embeddings=163840,
+        rope_parameters={**scaling, "rope_theta": theta},
+    )
+    ref_inv, ref_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, "cpu")
+    inv, factor = rope_frequencies(dim, theta, scaling)
+    torch.testing.assert_close(inv, ref_inv.float(), atol=1e-7, rtol=1e-5)
+    assert factor == pytest.approx(ref_factor)
+
+
+def test_unknown_scaling_names_the_field():
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        rope_frequencies(8, 10000.0, {"rope_type": "dynamic-ntk-by-magic", "factor": 2.0})
