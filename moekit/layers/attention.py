@@ -80,6 +80,11 @@ class Attention(nn.Module):
         return self.o_proj(out_BHTd.transpose(1, 2).reshape(b, t, -1))
 
 
+# The latent norms use RMSNorm's default eps whatever the model's norm_eps, as DeepSeek's reference
+# code and transformers do (it matters for checkpoints with rms_norm_eps != 1e-6, e.g. 1e-5).
+LATENT_NORM_EPS = 1e-6
+
+
 class LatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3): low-rank q and a compressed, shared kv latent.
 
@@ -98,10 +103,10 @@ class LatentAttention(nn.Module):
             self.q_proj = nn.Linear(d_model, h * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(d_model, cfg.q_lora_rank, bias=cfg.mla_bias)
-            self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, eps=norm_eps)
+            self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, eps=LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d_model, cfg.kv_lora_rank + self.rope_dim, bias=cfg.mla_bias)
-        self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, eps=norm_eps)
+        self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d_model, bias=cfg.mla_bias)
         self.rope = RotaryEmbedding(self.rope_dim, cfg.rope_theta, cfg.rope_scaling)

@@ -1,0 +1,260 @@
+"""Hugging Face checkpoint tensors <-> moekit state dicts: name maps plus explicit expert stack/split.
+
+A moekit state dict and a Hugging Face (hub layout) state dict differ in two ways only:
+1. names, mapped by the rules in ``_RULES`` (templated by the model type's ``HFLayout``);
+2. routed experts: moekit stacks them (``w1_EFD``, ``w3_EFD``, ``w2_EDF``), the hub layout keeps
+   one ``[F, D]`` / ``[D, F]`` tensor per expert (``experts.{j}.gate_proj.weight``, ...).
+
+Loading also accepts the fused layout transformers 5 uses in memory
+(``experts.gate_up_proj [E, 2F, D]`` = gate then up, ``experts.down_proj [E, D, F]``), although
+``save_pretrained`` of transformers 5.23 writes the hub layout for all five supported types.
+
+Everything here works on meta tensors too, which is how shapes are checked without reading data.
+Shapes: E experts, F expert width, D model width.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.config import ModelConfig
+from moekit.errors import MoekitError
+
+
+class CheckpointError(MoekitError):
+    """A checkpoint folder or its tensors do not match the model they claim to hold."""
+
+
+class UnsupportedError(MoekitError):
+    """A model type, config option or tensor that moekit cannot map (the message names it)."""
+
+
+@dataclass(frozen=True)
+class HFLayout:
+    """Where one Hugging Face model type keeps its MoE tensors (all other names are shared)."""
+
+    moe: str  # the sparse block's module inside a layer: "block_sparse_moe" (Mixtral) or "mlp"
+    expert: tuple[str, str, str]  # per-expert names of the gate (w1), up (w3) and down (w2) matrices
+    shared: str | None = None  # shared-expert FFN module: "shared_expert" (Qwen2-MoE), "shared_experts"
+    # The type's router always has a selection bias (DeepSeek-V3's e_score_correction_bias), so
+    # an export of a model without one writes zeros.
+    selection_bias: bool = False
+
+
+_GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
+
+LAYOUTS: dict[str, HFLayout] = {
+    "mixtral": HFLayout("block_sparse_moe", ("w1", "w3", "w2")),
+    "qwen2_moe": HFLayout("mlp", _GATE_UP_DOWN, shared="shared_expert"),
+    "qwen3_moe": HFLayout("mlp", _GATE_UP_DOWN),
+    "olmoe": HFLayout("mlp", _GATE_UP_DOWN),
+    "deepseek_v3": HFLayout("mlp", _GATE_UP_DOWN, shared="shared_experts", selection_bias=True),
+}
+
+
+def layout(model_type: str) -> HFLayout:
+    try:
+        return LAYOUTS[model_type]
+    except KeyError:
+        raise UnsupportedError(
+            f"model_type {model_type!r} has no weight mapping; supported: {sorted(LAYOUTS)}"
+        ) from None
+
+
+# (moekit name pattern, HF name template) for every tensor except the stacked routed experts.
+# Templates see {moe} and {shared} from the layout; \1, \2 are the pattern's groups.
+_L = r"layers\.(\d+)\."
+_RULES: list[tuple[str, str]] = [
+    (r"embed\.weight", "model.embed_tokens.weight"),
+    (r"norm\.(weight|bias)", r"model.norm.\1"),
+    (r"lm_head\.(weight|bias)", r"lm_head.\1"),
+    (_L + r"attn_norm\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
+    (_L + r"ffn_norm\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
+    (_L + r"attn\.(\w+\.weight|\w+\.bias|sinks)", r"model.layers.\1.self_attn.\2"),
+    (_L + r"ffn\.w1\.(weight|bias)", r"model.layers.\1.mlp.gate_proj.\2"),  # dense FFN layers
+    (_L + r"ffn\.w3\.(weight|bias)", r"model.layers.\1.mlp.up_proj.\2"),
+    (_L + r"ffn\.w2\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2"),
+    (_L + r"ffn\.router\.gate\.(weight|bias)", r"model.layers.\1.{moe}.gate.\2"),
+    (_L + r"ffn\.router\.selection_bias", r"model.layers.\1.{moe}.gate.e_score_correction_bias"),
+    (_L + r"ffn\.shared_experts\.w1\.(weight|bias)", r"model.layers.\1.{moe}.{shared}.gate_proj.\2"),
+    (_L + r"ffn\.shared_experts\.w3\.(weight|bias)", r"model.layers.\1.{moe}.{shared}.up_proj.\2"),
+    (_L + r"ffn\.shared_experts\.w2\.(weight|bias)", r"model.layers.\1.{moe}.{shared}.down_proj.\2"),
+    (_L + r"ffn\.shared_gate\.weight", r"model.layers.\1.{moe}.shared_expert_gate.weight"),
+]
+_EXPERTS = re.compile(_L + r"ffn\.experts\.(w1|w3|w2)")
+_W_INDEX = {"w1": 0, "w3": 1, "w2": 2}
+
+
+def hf_name(name: str, lay: HFLayout, model_type: str = "") -> str:
+    """The HF name of one (non-routed-expert) moekit tensor."""
+    for pattern, template in _RULES:
+        m = re.fullmatch(pattern, name)
+        if m is None:
+            continue
+        if "{shared}" in template and lay.shared is None:
+            break
+        return m.expand(template.format(moe=lay.moe, shared=lay.shared))
+    raise UnsupportedError(f"moekit tensor {name!r} has no Hugging Face name in model type {model_type!r}")
+
+
+def expert_names(layer: int, n_experts: int, lay: HFLayout) -> list[tuple[str, str, str]]:
+    """Per-expert HF names ``(gate, up, down)`` of one MoE layer, expert by expert."""
+    base = f"model.layers.{layer}.{lay.moe}.experts"
+    gate, up, down = lay.expert
+    return [
+        (f"{base}.{j}.{gate}.weight", f"{base}.{j}.{up}.weight", f"{base}.{j}.{down}.weight") for j in range(n_experts)
+    ]
+
+
+def to_hf_state_dict(
+    sd: Mapping[str, Tensor], cfg: ModelConfig, model_type: str, complete: bool = False
+) -> dict[str, Tensor]:
+    """moekit state dict -> hub-layout HF tensors (experts split; the tied head left out).
+
+    ``complete`` adds what the HF model always has but ``cfg`` lacks (a zero selection bias).
+    Split experts are views of the stacked weights; clone them before writing files that
+    refuse shared storage (safetensors does).
+    """
+    lay = layout(model_type)
+    out: dict[str, Tensor] = {}
+    for name, t in sd.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # HF re-ties lm_head to embed_tokens from tie_word_embeddings
+        m = _EXPERTS.fullmatch(name)
+        if m is None:
+            out[hf_name(name, lay, model_type)] = t
+            continue
+        layer, w = int(m.group(1)), _W_INDEX[m.group(2)]
+        for names, t_e in zip(expert_names(layer, t.shape[0], lay), t.unbind(0), strict=True):
+            out[names[w]] = t_e
+    if complete and lay.selection_bias and cfg.moe is not None and not cfg.moe.uses_selection_bias:
+        ref = sd["embed.weight"]
+        for i in cfg.moe_layer_ids:
+            bias = torch.zeros(cfg.moe.n_routed_experts, dtype=torch.float32, device=ref.device)
+            out[f"model.layers.{i}.{lay.moe}.gate.e_score_correction_bias"] = bias
+    return out
+
+
+def meta_state_dict(cfg: ModelConfig) -> dict[str, Tensor]:
+    """The state dict of a ``MoETransformer(cfg)`` as meta tensors (names, shapes; no memory)."""
+    from moekit.models.transformer import MoETransformer  # interop sits downstream of models
+
+    with torch.device("meta"):
+        return MoETransformer(cfg).state_dict()
+
+
+def expected_hf_tensors(cfg: ModelConfig, model_type: str) -> dict[str, Tensor]:
+    """Meta tensors named and shaped as a hub-layout checkpoint of ``cfg`` must hold them."""
+    return to_hf_state_dict(meta_state_dict(cfg), cfg, model_type)
+
+
+def _to_hub_layout(
+    tensors: dict[str, Tensor], expected: Mapping[str, Tensor], cfg: ModelConfig, lay: HFLayout
+) -> dict[str, Tensor]:
+    """Rewrite transformers 5's in-memory layout as hub names (views, no copies).
+
+    transformers 5 names Mixtral's sparse block ``mlp`` (not ``block_sparse_moe``) and fuses
+    experts into ``experts.gate_up_proj [E, 2F, D]`` (gate rows, then up rows) and
+    ``experts.down_proj [E, D, F]``; a raw ``state_dict()`` of such a model has those names.
+    """
+    out: dict[str, Tensor] = {}
+    alias = re.compile(r"model\.layers\.(\d+)\.mlp\.")
+    for name, t in tensors.items():
+        m = alias.match(name)
+        if m is not None and lay.moe != "mlp" and cfg.is_moe_layer(int(m.group(1))):
+            name = f"model.layers.{m.group(1)}.{lay.moe}.{name[m.end() :]}"
+        out[name] = t
+    fused = re.compile(rf"model\.layers\.(\d+)\.{lay.moe}\.experts\.(gate_up_proj|down_proj)")
+    for name, t in list(out.items()):
+        m = fused.fullmatch(name)
+        if m is None:
+            continue
+        layer = int(m.group(1))
+        names = expert_names(layer, cfg.moe.n_routed_experts if cfg.moe else 0, lay)
+        if not names or names[0][0] not in expected:
+            raise CheckpointError(f"unexpected tensor {name!r}: layer {layer} has no routed experts")
+        f, d = expected[names[0][0]].shape
+        want = (len(names), 2 * f, d) if m.group(2) == "gate_up_proj" else (len(names), d, f)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
+        del out[name]
+        for (gate, up, down), t_e in zip(names, t.unbind(0), strict=True):
+            if m.group(2) == "gate_up_proj":
+                out[gate], out[up] = t_e[:f], t_e[f:]
+            else:
+                out[down] = t_e
+    return out
+
+
+def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str = "checkpoint") -> None:
+    """Strict: every expected tensor present with its exact shape, nothing else."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
+        raise CheckpointError(f"{what} does not match the config: " + "; ".join(parts))
+    for k, want in expected.items():
+        got = tensors[k]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"tensor {k!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        if not got.is_floating_point():
+            raise CheckpointError(f"tensor {k!r} has dtype {got.dtype}, expected a floating-point tensor")
+
+
+def from_hf_state_dict(
+    tensors: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    model_type: str,
+    ignore: Callable[[str], bool] | None = None,
+    what: str = "checkpoint",
+) -> dict[str, Tensor]:
+    """HF tensors (hub or fused layout) -> a complete moekit state dict, checked strictly.
+
+    ``ignore`` drops names the model does not use (say, DeepSeek-V3's multi-token-prediction
+    layers). A tied ``lm_head.weight`` in the checkpoint is accepted and ignored, as transformers does.
+    Raises ``CheckpointError`` naming the first missing, unexpected or misshapen tensor.
+    """
+    lay = layout(model_type)
+    meta = meta_state_dict(cfg)
+    expected = to_hf_state_dict(meta, cfg, model_type)
+    kept = {k: v for k, v in tensors.items() if not (ignore and ignore(k))}
+    if cfg.tie_embeddings and "lm_head.weight" in kept and "lm_head.weight" not in expected:
+        del kept["lm_head.weight"]
+    kept = _to_hub_layout(kept, expected, cfg, lay)
+    check_tensors(kept, expected, what)
+    out: dict[str, Tensor] = {}
+    for name in meta:
+        m = _EXPERTS.fullmatch(name)
+        if m is not None:  # stack the per-expert matrices along dim 0: [E, F, D] / [E, D, F]
+            layer, w = int(m.group(1)), _W_INDEX[m.group(2)]
+            per_expert = expert_names(layer, cfg.moe.n_routed_experts if cfg.moe else 0, lay)
+            out[name] = torch.stack([kept[n[w]] for n in per_expert])
+        elif name == "lm_head.weight" and cfg.tie_embeddings:
+            out[name] = kept["model.embed_tokens.weight"]
+        else:
+            out[name] = kept[hf_name(name, lay, model_type)]
+    return out
+
+
+__all__ = [
+    "LAYOUTS",
+    "CheckpointError",
+    "HFLayout",
+    "UnsupportedError",
+    "check_tensors",
+    "expected_hf_tensors",
+    "from_hf_state_dict",
+    "hf_name",
+    "layout",
+    "meta_state_dict",
+    "to_hf_state_dict",
+]
