@@ -13,7 +13,7 @@ import sys
 from moekit.errors import MoekitError
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ["quickstart", "params"]
+COMMANDS = ["quickstart", "params", "convert", "train", "eval", "plot", "compare", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except MoekitError as e:
         print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `moekit params X --json | head`: the reader left, not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"moekit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,10 @@ Shapes: B batch, T tokens, D width, V vocabulary.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +21,7 @@ from moekit.layers.experts import Experts
 from moekit.layers.mlp import FeedForward
 from moekit.layers.moe import MoE
 from moekit.layers.norm import build_norm
-from moekit.layers.router import Routing
+from moekit.layers.router import NonCausalRoutingWarning, Router, Routing
 
 
 @dataclass
@@ -41,15 +44,18 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_id)
         if self.is_moe:
             assert cfg.moe is not None
-            self.ffn: nn.Module = MoE(cfg.moe, cfg.d_model)
+            self.ffn: nn.Module = MoE(cfg.moe, cfg.d_model, vocab_size=cfg.vocab_size)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.dense_ffn_dim)
 
-    def forward(self, x_BTD: Tensor, positions_T: Tensor) -> tuple[Tensor, Routing | None]:
+    def forward(
+        self, x_BTD: Tensor, positions_T: Tensor, token_ids_BT: Tensor | None = None
+    ) -> tuple[Tensor, Routing | None]:
+        """``token_ids_BT`` (the input ids) reach the router for hash routing."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T)
         h_BTD = self.ffn_norm(x_BTD)
         if self.is_moe:
-            y_BTD, routing = self.ffn(h_BTD)
+            y_BTD, routing = self.ffn(h_BTD, token_ids_BT)
             return x_BTD + y_BTD, routing
         return x_BTD + self.ffn(h_BTD), None
 
@@ -58,6 +64,15 @@ class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        if cfg.moe is not None and cfg.moe.router == "expert_choice" and cfg.moe_layer_ids:
+            # Python's default warning filters show it once per calling line, not once per model built.
+            warnings.warn(
+                "router='expert_choice' is not causal: each expert picks its tokens from the whole batch, "
+                "later positions included, so a token's output depends on future tokens (training leaks "
+                "them; generation cannot reproduce it)",
+                NonCausalRoutingWarning,
+                stacklevel=2,
+            )
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
@@ -82,6 +97,8 @@ class MoETransformer(nn.Module):
                 nn.init.normal_(module.w1, std=std)
                 nn.init.normal_(module.w3, std=std)
                 nn.init.normal_(module.w2, std=out_std)
+            elif isinstance(module, Router):
+                module.reset_buffers()  # selection bias to 0, hash table from its seed
 
     def set_moe_impl(self, impl: str) -> None:
         """Switch every MoE layer's expert computation ("loop", "grouped_mm", "reference")."""
@@ -98,7 +115,7 @@ class MoETransformer(nn.Module):
         x_BTD = self.embed(input_ids)
         routings, moe_ids = [], []
         for block in self.layers:
-            x_BTD, routing = block(x_BTD, positions_T)
+            x_BTD, routing = block(x_BTD, positions_T, input_ids)
             if routing is not None:
                 routings.append(routing)
                 moe_ids.append(block.layer_id)
@@ -114,6 +131,12 @@ class MoETransformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str | Path, format: Literal["hf", "moekit"] = "hf", **kwargs: Any) -> Path:
+        """Write a checkpoint folder; see ``moekit.interop.pretrained.save_pretrained``."""
+        from moekit.interop.pretrained import save_pretrained  # interop sits downstream of models
+
+        return save_pretrained(self, path, format, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None) -> Tensor:

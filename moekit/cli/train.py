@@ -1,0 +1,71 @@
+"""``moekit train``: train a model from a preset or config on real text, with checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+from moekit.config import ConfigError
+from moekit.training.config import make_run_config, parse_assignments
+from moekit.training.loop import train
+from moekit.training.progress import RichProgress
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model on text (default: this Python's standard library sources)",
+        description="Train a model into --out: config.json, metrics.jsonl, checkpoints/, summary.json. "
+        "Ctrl-C saves a checkpoint; --resume continues it.",
+    )
+    p.add_argument("--preset", help="model preset, e.g. tiny, tiny-mixtral, tiny-dense (a wrong name lists them all)")
+    p.add_argument("--config", help="JSON run config (a run's config.json) or model config")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. moe.top_k=4 or train.lr=3e-4 (repeatable)",
+    )
+    p.add_argument("--data", help="a text file or folder of text files (default: the standard library)")
+    p.add_argument("--steps", type=int, help="total optimiser steps (with --resume: continue up to this many)")
+    p.add_argument("--out", required=True, help="run directory")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    group.add_argument("--force", action="store_true", help="start over, replacing the run in --out")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = parse_assignments(args.sets)
+    cfg = None  # --resume alone: the run's own config.json
+    if args.preset or args.config or not args.resume:
+        cfg = make_run_config(args.preset, args.config, overrides, args.data)
+    elif overrides or args.data:
+        raise ConfigError(
+            "--resume without --preset/--config uses the run's own config; --set and --data cannot change it"
+        )
+    progress = None if args.quiet else RichProgress("train")
+    result = train(
+        cfg, args.out, resume=args.resume, force=args.force, steps=args.steps, device=args.device, callback=progress
+    )
+    if result.interrupted:
+        print(
+            f"interrupted at step {result.step}; checkpoint {result.checkpoint}\n"
+            f"continue with: moekit train --resume --out {args.out}"
+        )
+        return 130
+    s = result.summary
+    assert s is not None
+    print(
+        f"step {s['steps']}: val loss {s['val_loss']:.4f} (perplexity {s['val_ppl']:.2f}), "
+        f"train loss {s['train_loss']:.4f}, {s['tokens']:,} tokens in {s['train_time_s']:.0f} s"
+    )
+    print(
+        f"params {s['total_params']:,} total, {s['active_params']:,} active; "
+        f"{s['flops_per_token']:,} FLOPs/token forward"
+    )
+    print(f"wrote {result.run_dir}/summary.json, metrics.jsonl, {result.checkpoint}")
+    return 0

@@ -1,0 +1,476 @@
+"""The training loop: a run directory in, a trained, checkpointed and summarised model out.
+
+A run directory holds::
+
+    config.json      RunConfig: {"model": ..., "train": ...}
+    tokenizer.json   the run's own copy of its BPE tokenizer (none for train.tokenizer=byte)
+    metrics.jsonl    one record per logged step (see ``moekit.training.metrics``)
+    checkpoints/     step_NNNNNNN/ folders (see ``moekit.training.checkpoint``)
+    summary.json     written at the end: val_loss, total_params, active_params, flops_per_token, ...
+
+One optimiser step: LM loss + the configured balance losses (``moekit.balancing.balance_terms``)
+-> backward -> clip -> AdamW -> aux-loss-free bias update (when ``moe.aux_free_rate > 0``).
+bf16 autocast on CUDA, plain fp32 on CPU. SIGINT/SIGTERM finish the current step, write a
+checkpoint and return; resuming restores weights, optimiser, RNG states and the data position,
+so on CPU the resumed loss sequence equals the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moekit.accounting import account
+from moekit.balancing import balance_terms, max_vio, routing_stats, update_selection_bias
+from moekit.config import ConfigError
+from moekit.errors import MoekitError
+from moekit.models.transformer import MoETransformer
+from moekit.training.checkpoint import (
+    TOKENIZER_FILE,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from moekit.training.config import RunConfig
+from moekit.training.data import Corpus, TrainBatches, load_corpus, val_batches
+from moekit.training.metrics import METRICS_FILE, MetricsLog, read_metrics
+from moekit.training.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, tokenize
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+# Everything a run writes into its directory; --force removes exactly these.
+RUN_ARTEFACTS = (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, SUMMARY_FILE, "checkpoints", "loss.png", "expert_load.png")
+
+
+class RunDirError(MoekitError):
+    """The output directory cannot be used for this run without --resume or --force."""
+
+
+# Run directory ----------------------------------------------------------------------------------
+
+
+def _diff(a: Any, b: Any, path: str = "") -> str | None:
+    """The first dotted key where two JSON-like values differ, as ``key: old -> new``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            if d:
+                return d
+        return None
+    return None if a == b else f"{path}: {a!r} -> {b!r}"
+
+
+def resolve_run(out: Path, run: RunConfig | None, *, resume: bool, force: bool, steps: int | None = None) -> RunConfig:
+    """Check that ``out`` may hold this run and return the config to train with.
+
+    Fresh runs need an empty or new ``out`` (or ``force``: the previous run's files are removed).
+    ``resume`` continues the run saved in ``out``; ``run``, if given, must equal it except for
+    ``train.steps``. ``steps`` overrides ``train.steps``.
+    """
+    out = Path(out)
+    if resume and force:
+        raise RunDirError("pass either --resume or --force, not both")
+    saved_path = out / CONFIG_FILE
+    saved = RunConfig.from_json(saved_path) if saved_path.exists() and not force else None
+    if resume and saved is not None:
+        if run is not None:
+            a, b = saved.to_dict(), run.to_dict()
+            a["train"].pop("steps"), b["train"].pop("steps")
+            d = _diff(a, b)
+            if d:
+                raise RunDirError(f"{out} holds a different run ({d}); drop --resume and pass --force to start over")
+        run = saved if run is None else run
+    elif saved is not None:
+        d = _diff(saved.to_dict(), run.to_dict()) if run is not None else None
+        if d:
+            raise RunDirError(f"{out} holds a different run ({d}); pass --force to replace it or choose another --out")
+        raise RunDirError(f"{out} already holds this run; pass --resume to continue it or --force to start over")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise RunDirError(f"{out} is not empty and holds no moekit run; choose a new --out or pass --force")
+    if run is None:
+        raise RunDirError(f"{out} holds no run to resume; give --preset or --config to start one")
+    if steps is not None:
+        run = run.with_overrides({"train.steps": steps})
+    return run
+
+
+def _clear_run(out: Path) -> None:
+    for name in RUN_ARTEFACTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+# Data -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    corpus: Corpus
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+
+
+def prepare_data(run: RunConfig, tokenizer: Tokenizer | None = None) -> RunData:
+    """The run's corpus, tokenizer (trained or read from the cache unless given) and token arrays."""
+    t = run.train
+    corpus = load_corpus(t.data, t.val_fraction)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(t.tokenizer, run.model.vocab_size, corpus)
+    if tokenizer.vocab_size > run.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but vocab_size is {run.model.vocab_size}; "
+            "raise vocab_size or use a smaller tokenizer"
+        )
+    train_tokens, val_tokens = tokenize(tokenizer, corpus)
+    return RunData(corpus, tokenizer, train_tokens, val_tokens)
+
+
+def read_tokenizer(run_dir: Path, run: RunConfig) -> Tokenizer:
+    """The run's own tokenizer: bytes, or the BPE saved as ``tokenizer.json`` when it started."""
+    if run.train.tokenizer == "byte":
+        return ByteTokenizer()
+    path = Path(run_dir) / TOKENIZER_FILE
+    if not path.exists():
+        raise RunDirError(f"{run_dir} has no {TOKENIZER_FILE}; is it a moekit run directory?")
+    return BPETokenizer.from_str(path.read_text())
+
+
+# Optimisation -----------------------------------------------------------------------------------
+
+
+def lr_at(step: int, run: RunConfig) -> float:
+    """Learning rate of the update made at 0-based ``step`` of ``train.steps``."""
+    t = run.train
+    warmup = min(t.warmup_steps, t.steps // 10)
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    if t.schedule == "step":  # DeepSeekMoE: x0.316 at 80% and again at 90% of training
+        return t.lr * 0.316 ** ((step >= 0.8 * t.steps) + (step >= 0.9 * t.steps))
+    progress = (step - warmup) / max(1, t.steps - warmup)
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (ndim >= 2: embeddings, projections, stacked experts)
+    and none on vectors (norm weights, biases, attention sinks)."""
+    t = run.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, batches: list[Tensor], device: torch.device) -> dict[str, Any]:
+    """Mean validation loss over ``batches``, and each MoE layer's expert load (shares of the
+    routed assignments) with its MaxVio; the model is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    total, n_targets = 0.0, 0
+    counts: list[Tensor] = []
+    for batch in batches:
+        batch = batch.to(device)
+        with _autocast(device):
+            out = model(batch, labels=batch)
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(out.loss) * n
+        n_targets += n
+        layer_counts = [r.counts_E.double().cpu() for r in out.routing]
+        counts = layer_counts if not counts else [a + b for a, b in zip(counts, layer_counts, strict=True)]
+    model.train(was_training)
+    loads = [(c / c.sum().clamp_min(1)).tolist() for c in counts]
+    vio = sum(max_vio(c) for c in counts) / len(counts) if counts else None
+    return {"val_loss": total / n_targets, "expert_load": loads, "max_vio": vio}
+
+
+# The loop ---------------------------------------------------------------------------------------
+
+
+class TrainCallback:
+    """Hooks the loop calls; the CLI's progress bar implements them (all optional)."""
+
+    def on_start(self, step: int, total: int) -> None: ...
+
+    def on_step(self, step: int, record: dict[str, Any] | None) -> None: ...
+
+    def on_end(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # steps completed
+    interrupted: bool  # stopped by SIGINT/SIGTERM (a checkpoint of ``step`` was written)
+    checkpoint: Path | None
+    summary: dict[str, Any] | None  # None when interrupted
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def train(
+    run: RunConfig | None,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    steps: int | None = None,
+    device: str | None = None,
+    callback: TrainCallback | None = None,
+) -> TrainResult:
+    """Train ``run`` into directory ``out`` (see ``resolve_run`` for --resume / --force)."""
+    out = Path(out)
+    run = resolve_run(out, run, resume=resume, force=force, steps=steps)
+    dev = resolve_device(device)
+    cb = callback or TrainCallback()
+    t = run.train
+    ckpt = latest_checkpoint(out) if resume else None
+    tokenizer = read_tokenizer(out, run) if resume and (out / CONFIG_FILE).exists() else None
+    data = prepare_data(run, tokenizer)
+    batches = TrainBatches(data.train_tokens, t.batch_size, t.seq_len, t.seed)
+    val = val_batches(data.val_tokens, t.batch_size, t.seq_len, t.eval_batches)
+    if force:  # only once the new run is known to start: a bad config or corpus keeps the old run
+        _clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run.to_json(out / CONFIG_FILE)
+    tokenizer_json = data.tokenizer.to_str() if isinstance(data.tokenizer, BPETokenizer) else None
+    if tokenizer_json is not None:
+        (out / TOKENIZER_FILE).write_text(tokenizer_json)
+
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    model = MoETransformer(run.model).to(dev)
+    model.train()
+    opt = build_optimizer(model, run)
+    step, position, elapsed = 0, 0, 0.0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, dev)
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        step, position, elapsed = state["step"], state["position"], state["elapsed_s"]
+        if state["corpus_digest"] != data.corpus.digest:
+            warnings.warn(
+                f"the training text changed since {ckpt} was written; the resumed run will not match an uninterrupted one",
+                stacklevel=2,
+            )
+    metrics = MetricsLog(out / METRICS_FILE, resume_step=step if resume else None)
+    moe = run.model.moe
+
+    def save() -> Path:
+        state = {"step": step, "position": position, "elapsed_s": elapsed, "corpus_digest": data.corpus.digest}
+        state.update(optimizer=opt.state_dict(), rng=_rng_state())
+        return save_checkpoint(out, step, model, state, t.keep_checkpoints, tokenizer_json)
+
+    cb.on_start(step, t.steps)
+    tokens_per_step = t.batch_size * t.seq_len
+    last_log_elapsed, last_log_step = elapsed, step  # throughput counts step time only, not evals or saves
+    saved_at: Path | None = ckpt
+    try:
+        with _StopOnSignal() as stop:
+            while step < t.steps:
+                if stop.signum is not None:
+                    return TrainResult(out, step, True, save(), None)
+                t0 = time.perf_counter()
+                lr = lr_at(step, run)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                batch = batches.batch(position).to(dev)
+                with _autocast(dev):
+                    output = model(batch, labels=batch)
+                terms = balance_terms(output.routing, moe) if moe is not None else {}
+                aux = sum(terms.values()) if terms else torch.zeros((), device=dev)
+                opt.zero_grad(set_to_none=True)
+                (output.loss + aux).backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+                opt.step()
+                if moe is not None and moe.aux_free_rate > 0:
+                    update_selection_bias(model, output.routing)
+                step += 1
+                position += t.batch_size
+                elapsed += time.perf_counter() - t0
+                record = None
+                if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
+                    stats = routing_stats(output.routing, output.moe_layer_ids) if output.routing else {}
+                    record = {
+                        "step": step,
+                        "loss": float(output.loss.detach()),
+                        "aux_loss": float(aux.detach()),
+                        "lr": lr,
+                        "tokens_per_s": (step - last_log_step)
+                        * tokens_per_step
+                        / max(elapsed - last_log_elapsed, 1e-9),
+                        "max_vio": stats.get("max_vio"),
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "tokens": position * t.seq_len,
+                        "elapsed_s": elapsed,
+                    }
+                    if step % t.eval_every == 0 or step == t.steps:
+                        ev = evaluate(model, val, dev)
+                        record.update(val_loss=ev["val_loss"], expert_load=ev["expert_load"])
+                    metrics.append(record)
+                    last_log_elapsed, last_log_step = elapsed, step
+                if step % t.ckpt_every == 0 or step == t.steps:
+                    saved_at = save()
+                cb.on_step(step, record)
+    finally:
+        cb.on_end()
+    summary = write_summary(out, run, model, val, dev, step, elapsed, data)
+    return TrainResult(out, step, False, saved_at, summary)
+
+
+def write_summary(
+    out: Path,
+    run: RunConfig,
+    model: MoETransformer,
+    val: list[Tensor],
+    dev: torch.device,
+    step: int,
+    elapsed: float,
+    data: RunData,
+) -> dict[str, Any]:
+    """Evaluate the final model and write ``summary.json``."""
+    ev = evaluate(model, val, dev)
+    report = account(run.model, seq_len=run.train.seq_len).to_dict()
+    logged = [r for r in read_metrics(out / METRICS_FILE) if "loss" in r]
+    summary = {
+        "val_loss": ev["val_loss"],
+        "val_ppl": math.exp(min(ev["val_loss"], 50.0)),
+        "total_params": report["total"],
+        "active_params": report["active"],
+        "flops_per_token": report["flops_per_token"],
+        "train_flops_per_token": report["flops"]["train_per_token"],
+        "max_vio": ev["max_vio"],
+        "train_loss": logged[-1]["loss"] if logged else None,
+        "steps": step,
+        "tokens": step * run.train.batch_size * run.train.seq_len,
+        "train_time_s": elapsed,
+        "tokenizer": data.tokenizer.kind,
+        "vocab_size": run.model.vocab_size,
+        "corpus": data.corpus.source,
+        "train_corpus_tokens": int(len(data.train_tokens)),
+        "val_corpus_tokens": int(len(data.val_tokens)),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# Loading a trained run --------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    config: RunConfig
+    model: MoETransformer
+    tokenizer: Tokenizer
+    step: int
+    checkpoint: Path
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str | None = None) -> LoadedRun:
+    """A run's model from its newest (or the given) checkpoint, in eval mode, with its tokenizer."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise RunDirError(f"{run_dir} is not a moekit run directory (no {CONFIG_FILE})")
+    run = RunConfig.from_json(run_dir / CONFIG_FILE)
+    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    if path is None:
+        raise RunDirError(f"{run_dir} has no checkpoint yet ({checkpoint_dir(run_dir)} is empty)")
+    if not path.exists():  # a bare checkpoint name, e.g. step_0000100
+        path = checkpoint_dir(run_dir) / path
+    dev = resolve_device(device)
+    model = MoETransformer(run.model).to(dev)
+    state = load_checkpoint(path, model, dev)
+    model.eval()
+    return LoadedRun(run, model, read_tokenizer(run_dir, run), state["step"], path)
+
+
+__all__ = [
+    "LoadedRun",
+    "RunData",
+    "RunDirError",
+    "TrainCallback",
+    "TrainResult",
+    "build_optimizer",
+    "evaluate",
+    "load_run",
+    "lr_at",
+    "prepare_data",
+    "resolve_device",
+    "resolve_run",
+    "train",
+]
