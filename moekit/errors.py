@@ -3,3 +3,7 @@
 
 class MoekitError(Exception):
     """Base of every error caused by user input (configs, files, checkpoints, arguments)."""
+
+
+class CheckpointError(MoekitError):
+    """A checkpoint is missing, incomplete, corrupt, or does not match the model it claims to hold."""

@@ -23,11 +23,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig
-from moekit.errors import MoekitError
-
-
-class CheckpointError(MoekitError):
-    """A checkpoint folder or its tensors do not match the model they claim to hold."""
+from moekit.errors import CheckpointError, MoekitError
 
 
 class UnsupportedError(MoekitError):

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moekit.errors import MoekitError
+from moekit.errors import CheckpointError
 from moekit.models.transformer import MoETransformer
 
 MODEL_FILE = "model.safetensors"
@@ -41,10 +41,6 @@ STATE_FILE = "trainer.pt"
 MANIFEST_FILE = "manifest.json"
 REQUIRED = (MODEL_FILE, CONFIG_FILE, STATE_FILE)
 FORMAT = 1
-
-
-class CheckpointError(MoekitError):
-    """A checkpoint is missing, incomplete or corrupt."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
