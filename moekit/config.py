@@ -27,12 +27,12 @@ class ConfigError(MoekitError, ValueError):
     """A configuration value is invalid; the message names the field and what was expected."""
 
 
-def _positive(name: str, value: int | float) -> None:
+def check_positive(name: str, value: int | float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
@@ -66,21 +66,21 @@ class AttentionConfig:
     mla_bias: bool = False  # bias on q_a / kv_a / o projections (HF's attention_bias for MLA)
 
     def validate(self, d_model: int) -> None:
-        _positive("attention.n_heads", self.n_heads)
-        _choice("attention.kind", self.kind, ("gqa", "mla"))
-        _choice("attention.qk_norm", self.qk_norm, ("none", "head", "full", "l2"))
-        _positive("attention.rope_theta", self.rope_theta)
+        check_positive("attention.n_heads", self.n_heads)
+        check_choice("attention.kind", self.kind, ("gqa", "mla"))
+        check_choice("attention.qk_norm", self.qk_norm, ("none", "head", "full", "l2"))
+        check_positive("attention.rope_theta", self.rope_theta)
         if self.kind == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                _positive(f"attention.{name}", getattr(self, name))
+                check_positive(f"attention.{name}", getattr(self, name))
             if self.q_lora_rank is not None:
-                _positive("attention.q_lora_rank", self.q_lora_rank)
+                check_positive("attention.q_lora_rank", self.q_lora_rank)
             if self.qk_rope_head_dim % 2:
                 raise ConfigError("attention.qk_rope_head_dim must be even for rotary embedding")
             return
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        _positive("attention.n_kv_heads", self.n_kv_heads)
+        check_positive("attention.n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"attention.n_heads ({self.n_heads}) must be divisible by "
@@ -93,7 +93,7 @@ class AttentionConfig:
                     f"({self.n_heads}), or set attention.head_dim explicitly"
                 )
             self.head_dim = d_model // self.n_heads
-        _positive("attention.head_dim", self.head_dim)
+        check_positive("attention.head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ConfigError(f"attention.head_dim must be even for rotary embedding, got {self.head_dim}")
 
@@ -159,7 +159,7 @@ class MoEConfig:
     def validate(self, n_layers: int | None) -> None:
         """Check every field; layer indices are range-checked once ``n_layers`` is known."""
         for name in ("n_routed_experts", "top_k", "expert_ffn_dim", "n_group", "topk_group", "moe_every"):
-            _positive(f"moe.{name}", getattr(self, name))
+            check_positive(f"moe.{name}", getattr(self, name))
         if self.top_k > self.n_routed_experts:
             raise ConfigError(
                 f"moe.top_k ({self.top_k}) must be <= moe.n_routed_experts ({self.n_routed_experts})"
@@ -168,13 +168,13 @@ class MoEConfig:
             raise ConfigError(f"moe.n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.shared_ffn_dim is None:
             self.shared_ffn_dim = self.expert_ffn_dim
-        _positive("moe.shared_ffn_dim", self.shared_ffn_dim)
+        check_positive("moe.shared_ffn_dim", self.shared_ffn_dim)
         if self.shared_expert_gate and self.n_shared_experts == 0:
             raise ConfigError("moe.shared_expert_gate needs moe.n_shared_experts >= 1")
-        _choice("moe.router", self.router, ROUTERS)
-        _choice("moe.score_func", self.score_func, ("softmax", "sigmoid"))
-        _choice("moe.group_score", self.group_score, ("top2_sum", "max"))
-        _positive("moe.routed_scaling_factor", self.routed_scaling_factor)
+        check_choice("moe.router", self.router, ROUTERS)
+        check_choice("moe.score_func", self.score_func, ("softmax", "sigmoid"))
+        check_choice("moe.group_score", self.group_score, ("top2_sum", "max"))
+        check_positive("moe.routed_scaling_factor", self.routed_scaling_factor)
         if self.n_routed_experts % self.n_group:
             raise ConfigError(
                 f"moe.n_routed_experts ({self.n_routed_experts}) must be divisible by moe.n_group ({self.n_group})"
@@ -184,8 +184,8 @@ class MoEConfig:
         if self.n_group > 1 and self.top_k > self.topk_group * (self.n_routed_experts // self.n_group):
             raise ConfigError("moe.top_k exceeds the experts inside the moe.topk_group kept groups")
         if self.capacity_factor is not None:
-            _positive("moe.capacity_factor", self.capacity_factor)
-        _positive("moe.n_devices", self.n_devices)
+            check_positive("moe.capacity_factor", self.capacity_factor)
+        check_positive("moe.n_devices", self.n_devices)
         if self.n_routed_experts % self.n_devices:
             raise ConfigError(
                 f"moe.n_routed_experts ({self.n_routed_experts}) must be divisible by moe.n_devices ({self.n_devices})"
@@ -262,22 +262,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.attention, dict):
-            self.attention = _from_dict(AttentionConfig, self.attention, "attention")
+            self.attention = dataclass_from_dict(AttentionConfig, self.attention, "attention")
         if isinstance(self.moe, dict):
-            self.moe = _from_dict(MoEConfig, self.moe, "moe")
+            self.moe = dataclass_from_dict(MoEConfig, self.moe, "moe")
         self.validate()
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "norm_eps"):
-            _positive(name, getattr(self, name))
-        _choice("norm", self.norm, ("rmsnorm", "layernorm"))
+            check_positive(name, getattr(self, name))
+        check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
         if not isinstance(self.attention, AttentionConfig):
             raise ConfigError("attention must be an AttentionConfig (or a dict of its fields)")
         self.attention.validate(self.d_model)
         if self.moe is not None:
             self.moe.validate(self.n_layers)
         if self.n_dense_layers > 0:
-            _positive("dense_ffn_dim", self.dense_ffn_dim)
+            check_positive("dense_ffn_dim", self.dense_ffn_dim)
 
     # Derived ------------------------------------------------------------------------------
     @property
@@ -299,7 +299,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data, "")
+        return dataclass_from_dict(cls, data, "")
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -363,7 +363,7 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be an object, got {value!r}")
-        return _from_dict(annotation, value, where)
+        return dataclass_from_dict(annotation, value, where)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
@@ -387,7 +387,7 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
-def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def dataclass_from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     """Build dataclass ``cls`` from a plain dict, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -429,7 +429,7 @@ def fine_grained(cfg: ModelConfig, m: int) -> ModelConfig:
     """
     if cfg.moe is None:
         raise ConfigError("fine_grained needs an MoE config (moe is None)")
-    _positive("m", m)
+    check_positive("m", m)
     moe = cfg.moe
     if moe.expert_ffn_dim % m:
         raise ConfigError(f"moe.expert_ffn_dim ({moe.expert_ffn_dim}) must be divisible by m ({m})")
@@ -450,6 +450,9 @@ def fine_grained(cfg: ModelConfig, m: int) -> ModelConfig:
 __all__ = [
     "AttentionConfig",
     "ConfigError",
+    "check_choice",
+    "check_positive",
+    "dataclass_from_dict",
     "MoEConfig",
     "ModelConfig",
     "fine_grained",

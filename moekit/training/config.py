@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from moekit.config import ConfigError, ModelConfig, _choice, _from_dict, _positive, set_by_path
+from moekit.config import ConfigError, ModelConfig, check_choice, dataclass_from_dict, check_positive, set_by_path
 from moekit.presets import get_preset
 
 
@@ -65,7 +65,7 @@ class TrainConfig:
             "ckpt_every",
             "keep_checkpoints",
         ):
-            _positive(f"train.{name}", getattr(self, name))
+            check_positive(f"train.{name}", getattr(self, name))
         if self.seq_len < 2:
             raise ConfigError(f"train.seq_len must be >= 2 (one input and one target), got {self.seq_len}")
         for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio"):
@@ -76,15 +76,15 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"train.val_fraction must be in (0, 1), got {self.val_fraction}")
-        _choice("train.schedule", self.schedule, ("step", "cosine"))
-        _choice("train.tokenizer", self.tokenizer, ("bpe", "byte"))
+        check_choice("train.schedule", self.schedule, ("step", "cosine"))
+        check_choice("train.tokenizer", self.tokenizer, ("bpe", "byte"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data, "train")
+        return dataclass_from_dict(cls, data, "train")
 
 
 @dataclass
