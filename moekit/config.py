@@ -83,8 +83,7 @@ class AttentionConfig:
         check_positive("attention.n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
-                f"attention.n_heads ({self.n_heads}) must be divisible by "
-                f"attention.n_kv_heads ({self.n_kv_heads})"
+                f"attention.n_heads ({self.n_heads}) must be divisible by attention.n_kv_heads ({self.n_kv_heads})"
             )
         if self.head_dim is None:
             if d_model % self.n_heads:
@@ -161,9 +160,7 @@ class MoEConfig:
         for name in ("n_routed_experts", "top_k", "expert_ffn_dim", "n_group", "topk_group", "moe_every"):
             check_positive(f"moe.{name}", getattr(self, name))
         if self.top_k > self.n_routed_experts:
-            raise ConfigError(
-                f"moe.top_k ({self.top_k}) must be <= moe.n_routed_experts ({self.n_routed_experts})"
-            )
+            raise ConfigError(f"moe.top_k ({self.top_k}) must be <= moe.n_routed_experts ({self.n_routed_experts})")
         if self.n_shared_experts < 0:
             raise ConfigError(f"moe.n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.shared_ffn_dim is None:
@@ -205,7 +202,9 @@ class MoEConfig:
         if self.moe_layers is not None:
             for i in self.moe_layers:
                 if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers:
-                    raise ConfigError(f"moe.moe_layers entry {i!r} is out of range: expected 0 <= i < n_layers ({n_layers})")
+                    raise ConfigError(
+                        f"moe.moe_layers entry {i!r} is out of range: expected 0 <= i < n_layers ({n_layers})"
+                    )
             if len(set(self.moe_layers)) != len(self.moe_layers):
                 raise ConfigError(f"moe.moe_layers has duplicates: {self.moe_layers}")
             self.moe_layers = sorted(self.moe_layers)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from moekit.config import ConfigError, ModelConfig, check_choice, dataclass_from_dict, check_positive, set_by_path
+from moekit.config import ConfigError, ModelConfig, check_choice, check_positive, dataclass_from_dict, set_by_path
 from moekit.presets import get_preset
 
 
