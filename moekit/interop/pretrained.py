@@ -18,10 +18,8 @@ The tokenizer: ``from_pretrained`` sets ``model.tokenizer`` to ``load_tokenizer(
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from moekit.atomic import atomic_folder
 from moekit.config import ConfigError, ModelConfig
 from moekit.interop.hf_weights import (
     CheckpointError,
@@ -321,39 +320,13 @@ def _write_tensors(folder: Path, tensors: dict[str, Tensor], max_shard_size: int
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _atomic_folder(dst: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``dst``, on failure it vanishes.
-
-    An existing ``dst`` is replaced only if it is empty or a checkpoint folder (has config.json).
-    """
+    """``atomic_folder``, but an existing ``dst`` is replaced only if it is empty or a checkpoint."""
     if dst.exists() and not (dst.is_dir() and (not any(dst.iterdir()) or (dst / CONFIG).is_file())):
         raise CheckpointError(f"{dst} exists and is not a checkpoint folder; refusing to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_folder(dst) as tmp:
         yield tmp
-        for f in tmp.iterdir():  # durable before visible, like the training checkpoints
-            _fsync(f)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old)  # rename over the empty placeholder
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-        _fsync(dst.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_pretrained(

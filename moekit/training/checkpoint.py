@@ -12,7 +12,7 @@ A checkpoint is a folder ``<run>/checkpoints/step_0000100/`` holding
 
 Writing goes to a temporary folder beside the final one; every file and the folder are fsynced,
 then the folder is renamed into place (atomic on POSIX) and its parent fsynced. So a crash leaves
-either the old set of checkpoints or the new one, and a stray ``.tmp-*`` folder that the next
+either the old set of checkpoints or the new one, and a stray ``.step_*.tmp-*`` folder that the next
 save removes. Reading checks the manifest first: a missing, truncated or altered file raises
 ``CheckpointError`` naming it, instead of loading garbage.
 """
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moekit.atomic import atomic_folder
 from moekit.errors import CheckpointError
 from moekit.models.transformer import MoETransformer
 
@@ -55,50 +54,29 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     run_dir: Path, step: int, model: MoETransformer, state: dict[str, Any], keep: int, tokenizer_json: str | None = None
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and delete all but the newest ``keep``."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash mid-save
+    for stale in root.glob(".step_*.tmp-*"):  # left by a crash mid-save of any step
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make checkpoints unreadable to the user's group
     tensors = model.state_dict()
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / MODEL_FILE, metadata={"format": "pt"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    if tokenizer_json is not None:
-        (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
-    torch.save(state, tmp / STATE_FILE)
-    files = {}
-    for f in sorted(tmp.iterdir()):
-        _fsync(f)
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-    manifest = {"format": FORMAT, "step": step, "files": files}
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    _fsync(tmp / MANIFEST_FILE)
-    _fsync(tmp)
+    # A step saved again (a resumed run that had already finished) replaces the old folder.
+    with atomic_folder(root / name) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / MODEL_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
+        torch.save(state, tmp / STATE_FILE)
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        manifest = {"format": FORMAT, "step": step, "files": files}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     final = root / name
-    if final.exists():  # the same step saved again (a resumed run that had already finished)
-        old = root / f".tmp-old-{name}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
     for old_ckpt in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old_ckpt)
     return final

@@ -40,11 +40,11 @@ def test_round_trip_with_buffers_and_tied_embeddings(tmp_path, tiny_model):
 
 
 def test_keeps_the_newest_and_cleans_temporaries(tmp_path, model):
-    (tmp_path / "checkpoints" / ".tmp-step_0000009-crashed").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".step_0000009.tmp-crashed").mkdir(parents=True)
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "checkpoints").glob(".*"))
     save_checkpoint(tmp_path, 3, model, {"step": 3, "again": True}, keep=2)  # same step: replaced
     assert load_checkpoint(latest_checkpoint(tmp_path), model)["again"] is True
 
