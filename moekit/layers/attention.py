@@ -21,7 +21,9 @@ def causal_attention(q_BHTd: Tensor, k_BGTd: Tensor, v_BGTd: Tensor, scale: floa
     """Softmax attention with a causal mask; GQA heads share k/v. Returns ``[B, H, T, dv]``."""
     if sinks_H is None:
         enable_gqa = q_BHTd.shape[1] != k_BGTd.shape[1]
-        return F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(
+            q_BHTd, k_BGTd, v_BGTd, is_causal=True, scale=scale, enable_gqa=enable_gqa
+        )
     # Attention sinks (gpt-oss): a per-head logit joins every softmax and takes mass, no value.
     rep = q_BHTd.shape[1] // k_BGTd.shape[1]
     k_BHTd = k_BGTd.repeat_interleave(rep, dim=1)
@@ -73,8 +75,9 @@ class Attention(nn.Module):
         q_BHTd = apply_rope(q_BHTd, cos, sin, self.interleaved)
         k_BGTd = apply_rope(k_BGTd, cos, sin, self.interleaved)
         if self.qk_norm == "l2":  # Llama 4: parameter-free RMS normalisation after rotation
-            q_BHTd, k_BGTd = F.rms_norm(q_BHTd, (self.head_dim,), eps=self.norm_eps), F.rms_norm(
-                k_BGTd, (self.head_dim,), eps=self.norm_eps
+            q_BHTd, k_BGTd = (
+                F.rms_norm(q_BHTd, (self.head_dim,), eps=self.norm_eps),
+                F.rms_norm(k_BGTd, (self.head_dim,), eps=self.norm_eps),
             )
         out_BHTd = causal_attention(q_BHTd, k_BGTd, v_BGTd, self.scale, self.sinks)
         return self.o_proj(out_BHTd.transpose(1, 2).reshape(b, t, -1))

@@ -139,7 +139,9 @@ class MoETransformer(nn.Module):
         return save_pretrained(self, path, format, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None) -> Tensor:
+    def generate(
+        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None
+    ) -> Tensor:
         """Greedy (temperature 0) or sampled continuation; recomputes the prefix each step."""
         ids = input_ids
         for _ in range(max_new_tokens):

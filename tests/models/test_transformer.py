@@ -19,7 +19,13 @@ def mla_config() -> ModelConfig:
         d_model=40,
         n_layers=3,
         attention=AttentionConfig(
-            n_heads=4, kind="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10
+            n_heads=4,
+            kind="mla",
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=6,
+            v_head_dim=10,
         ),
         dense_ffn_dim=56,
         moe=MoEConfig(
