@@ -33,7 +33,11 @@ def sort_by_expert(idx_TK: Tensor, n_experts: int, keep_TK: Tensor | None = None
     else:
         kept = keep_TK.reshape(-1).nonzero().squeeze(-1)
         order_N = kept[flat_N[kept].argsort(stable=True)]
-    counts_E = torch.bincount(flat_N[order_N], minlength=n_experts)
+    # NOTE: scatter_add_, not bincount: bincount sizes its output from the data, a host sync on CUDA.
+    expert_N = flat_N[order_N]
+    counts_E = torch.zeros(n_experts, dtype=torch.long, device=idx_TK.device).scatter_add_(
+        0, expert_N, torch.ones_like(expert_N)
+    )
     return Dispatch(order_N=order_N, token_N=order_N // top_k, counts_E=counts_E)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.layers.dispatch import combine, permute, sort_by_expert
+from moekit.layers.dispatch import sort_by_expert
 from moekit.layers.experts import Experts, _swiglu
 from moekit.layers.mlp import FeedForward
 from moekit.layers.router import Router, Routing
@@ -18,14 +18,16 @@ from moekit.layers.router import Router, Routing
 class MoE(nn.Module):
     """Sparse FFN: routed experts chosen per token, plus always-on shared experts.
 
-    ``impl`` picks the routed-expert computation: an ``EXPERT_IMPLS`` name ("loop",
-    "grouped_mm") or "reference", the plain masked loop over all experts kept for checking.
+    ``impl`` picks the routed-expert computation: "auto" (grouped_mm on CUDA bf16, else fused),
+    an ``EXPERT_IMPLS`` name ("fused", "loop", "grouped_mm") or "reference", the plain masked loop
+    over all experts kept for checking.
+    ``vocab_size`` is needed only by hash routing (its token id -> expert table).
     """
 
-    def __init__(self, cfg: MoEConfig, d_model: int, impl: str = "loop"):
+    def __init__(self, cfg: MoEConfig, d_model: int, impl: str = "auto", vocab_size: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.router = Router(cfg, d_model)
+        self.router = Router(cfg, d_model, vocab_size)
         self.experts = Experts(cfg.n_routed_experts, d_model, cfg.expert_ffn_dim, bias=cfg.expert_bias)
         self.impl = impl
         if cfg.n_shared_experts:
@@ -45,16 +47,17 @@ class MoE(nn.Module):
             self.experts.impl = name
         self._impl = name
 
-    def forward(self, x_BTD: Tensor) -> tuple[Tensor, Routing]:
+    def forward(self, x_BTD: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, Routing]:
+        """``token_ids`` (shaped like ``x`` without D) are read by hash routing only."""
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        routing.n_seqs = shape[0] if x_BTD.dim() == 3 else 1  # for the sequence-wise balance loss
         if self._impl == "reference":
             y_TD = reference_routed(self.experts, x_TD, routing)
         else:
             d = sort_by_expert(routing.idx_TK, self.cfg.n_routed_experts, routing.keep_TK)
-            y_ND = self.experts(permute(x_TD, d), d.counts_E)
-            y_TD = combine(y_ND, d, routing.weights_TK, x_TD.shape[0])
+            y_TD = self.experts.routed(x_TD, d, routing.weights_TK)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_gate is not None:  # Qwen2-MoE

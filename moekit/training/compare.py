@@ -2,8 +2,10 @@
 
 A ``Study`` is a list of model variants plus the training settings they share (so every variant
 sees the same tokens in the same order), registered by name in ``STUDIES``; ``moekit compare
---study NAME`` runs one. Adding a study (e.g. "balancing": no loss / aux loss / DeepSeekMoE
-expert+device losses / aux-loss-free on one architecture) is one ``register_study`` call.
+--study NAME`` runs one. Adding a study is one ``register_study`` call; two are registered here:
+"architectures" (the DeepSeekMoE paper's line-up at equal FLOPs) and "balancing" (one DeepSeekMoE
+model trained with no balancing, an auxiliary loss, DeepSeekMoE's expert + device losses and
+auxiliary-loss-free bias balancing).
 
 ``run_study`` trains each variant into ``DIR/<variant>/`` (a normal run directory: ``--resume``
 picks up where an interrupted study stopped) and writes
@@ -11,7 +13,8 @@ picks up where an interrupted study stopped) and writes
 - ``DIR/results.json``: a list of rows with ``name``, ``total_params``, ``active_params``,
   ``flops_per_token``, ``val_loss``, ``max_vio``, ... (plus what the study's ``analyse`` adds);
 - ``DIR/results.md``: the same as a Markdown table, with the study's notes;
-- ``DIR/val_curves.png``: validation loss against training tokens, one line per variant.
+- ``DIR/val_curves.png``: validation loss against training tokens, one line per variant (and, for
+  studies with ``plot_max_vio``, a second panel: training-batch MaxVio against step).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from moekit.accounting import account
 from moekit.config import AttentionConfig, ModelConfig, MoEConfig, fine_grained
@@ -31,7 +34,7 @@ from moekit.training.ablation import specialisation_test
 from moekit.training.config import RunConfig, TrainConfig
 from moekit.training.loop import TrainCallback, train
 from moekit.training.metrics import read_metrics
-from moekit.training.plots import plot_val_curves
+from moekit.training.plots import _pyplot, plot_val_curves
 
 RESULTS_JSON, RESULTS_MD, CURVES_PNG = "results.json", "results.md", "val_curves.png"
 
@@ -59,6 +62,7 @@ class Study:
     flops_tolerance: float | None = None
     # After training: adds fields to the rows (in place) and returns Markdown for results.md.
     analyse: Callable[[Path, list[dict[str, Any]], str | None], str] | None = None
+    plot_max_vio: bool = False  # val_curves.png gets a second panel: MaxVio of the training batches
 
 
 STUDIES: dict[str, Study] = {}
@@ -149,9 +153,36 @@ def run_study(
     elapsed = time.perf_counter() - start
     (out / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
     curves = {r["name"]: read_metrics(out / r["name"]) for r in rows}
-    plot_val_curves(curves, out / CURVES_PNG, title=f"{study.title}: validation loss")
+    if study.plot_max_vio:
+        plot_val_and_max_vio(curves, out / CURVES_PNG, title=study.title)
+    else:
+        plot_val_curves(curves, out / CURVES_PNG, title=f"{study.title}: validation loss")
     (out / RESULTS_MD).write_text(results_markdown(study, rows, runs[0][1], elapsed, analysis))
     return rows
+
+
+def plot_val_and_max_vio(curves: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> Path:
+    """Two panels, one line per run: validation loss against tokens; training-batch MaxVio
+    (mean over MoE layers, as ``metrics.jsonl`` logs it) against step."""
+    plt = _pyplot()
+    fig, (ax_val, ax_vio) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, records in curves.items():
+        val = [r for r in records if r.get("val_loss") is not None]
+        vio = [r for r in records if r.get("max_vio") is not None]
+        ax_val.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label=name)
+        ax_vio.plot([r["step"] for r in vio], [r["max_vio"] for r in vio], lw=1, label=name)
+    ax_val.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title="validation loss")
+    ax_vio.set(xlabel="step", ylabel="MaxVio (training batch, mean over MoE layers)", title="load imbalance")
+    ax_vio.set_ylim(bottom=0)
+    for ax in (ax_val, ax_vio):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -326,14 +357,152 @@ register_study(
 )
 
 
+# The balancing study -------------------------------------------------------------------------
+
+# The MoEConfig fields a balancing strategy sets; the balancing study's variants differ only in these.
+BALANCING_FIELDS = (
+    "aux_loss_coef",
+    "device_loss_coef",
+    "n_devices",
+    "seq_aux_loss_coef",
+    "z_loss_coef",
+    "aux_free_rate",
+    "selection_bias",
+)
+
+
+def balancing_variants(
+    d_model: int = 128,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    n_experts: int = 32,
+    top_k: int = 7,
+    expert_ffn: int = 64,
+    vocab_size: int = 4096,
+    *,
+    score_func: Literal["softmax", "sigmoid"] = "sigmoid",
+    alpha: float = 0.01,
+    alpha1: float = 0.01,
+    alpha2: float = 0.05,
+    n_devices: int = 4,
+    gamma: float = 0.003,
+) -> list[Variant]:
+    """One DeepSeekMoE model balanced four ways; only ``BALANCING_FIELDS`` differ between variants.
+
+    The model is the architectures study's DeepSeekMoE (1 shared + top-7 routed experts of width
+    ``expert_ffn``, every layer MoE, same FLOPs per token) with 32 routed experts instead of 31, so
+    that they split into ``n_devices`` equal groups for the device-level loss. Routing is sigmoid
+    scores, top-k, then the chosen scores renormalised (DeepSeek-V3's gate): the aux-loss-free paper
+    (Wang et al. 2024) gates with sigmoid, and every variant uses the same gate so that only the
+    balancing differs. The balance losses read the per-token normalised scores (``router_probs``).
+
+    - ``none``: no balancing at all;
+    - ``aux_loss``: the Switch/GShard auxiliary loss with coefficient ``alpha``;
+    - ``deepseek``: DeepSeekMoE's expert-level (``alpha1``) plus device-level (``alpha2``) losses,
+      experts grouped into ``n_devices`` devices (Dai et al. 2024, §3.3; the 145B model used
+      alpha2 = 0.05 over 4 devices, the 2B validation models alpha1 = 0.01);
+    - ``aux_free``: no loss; a per-expert selection bias moved by ``gamma * sign(mean load - load)``
+      after every step (Wang et al. 2024).
+
+    Why gamma = 0.003 and not DeepSeek-V3's 0.001: a bias moves at most ``gamma * steps``, and
+    0.001 is meant for runs of many thousands of steps. In the default 300-step run the biases
+    trained with 0.001 ended pinned near that limit (|b| up to 0.28 of 0.30) with MaxVio still
+    falling; 0.003 balances by mid-run; 0.01 balances sooner, but its larger sign steps keep
+    moving tokens between experts and its validation loss was worse (the aux-free paper saw the
+    same trade-off). At the default budget (one seed), gamma = 0.001 / 0.003 / 0.01 ended with
+    validation loss 4.817 / 4.794 / 4.810 and validation MaxVio 0.48 / 0.26 / 0.27.
+    """
+    moe = MoEConfig(
+        n_routed_experts=n_experts,
+        top_k=top_k,
+        expert_ffn_dim=expert_ffn,
+        n_shared_experts=1,
+        score_func=score_func,
+        norm_topk_prob=True,
+    )
+    base = ModelConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=n_layers,
+        attention=AttentionConfig(n_heads=n_heads),
+        dense_ffn_dim=(top_k + 1) * expert_ffn,  # unused: every layer is MoE
+        moe=moe,
+        max_seq_len=1024,
+        name="balancing",
+    )
+    shape = f"1 shared + {n_experts} routed x {expert_ffn}, top-{top_k}, {score_func}"
+
+    def variant(name: str, label: str, **balancing: Any) -> Variant:
+        return Variant(name, base.replace(name=f"balancing-{name}", moe=dataclasses.replace(moe, **balancing)), label)
+
+    return [
+        variant("none", f"{shape}; no balancing"),
+        variant("aux_loss", f"{shape}; auxiliary loss alpha = {alpha}", aux_loss_coef=alpha),
+        variant(
+            "deepseek",
+            f"{shape}; expert-level loss alpha1 = {alpha1} + device-level loss alpha2 = {alpha2} "
+            f"over {n_devices} devices of {n_experts // n_devices} experts",
+            aux_loss_coef=alpha1,
+            device_loss_coef=alpha2,
+            n_devices=n_devices,
+        ),
+        variant("aux_free", f"{shape}; auxiliary-loss-free bias, gamma = {gamma}", aux_free_rate=gamma),
+    ]
+
+
+def _balancing_analyse(out: Path, rows: list[dict[str, Any]], device: str | None) -> str:
+    """Adds the mean training-batch MaxVio to each row; returns the verdict on the aux-free claim."""
+    for r in rows:
+        vio = [m["max_vio"] for m in read_metrics(out / r["name"]) if m.get("max_vio") is not None]
+        r["max_vio_batch"] = sum(vio) / len(vio) if vio else None
+    by_name = {r["name"]: r for r in rows}
+    if not {"none", "aux_loss", "aux_free"} <= set(by_name):
+        return ""
+    free, none, aux = by_name["aux_free"], by_name["none"], by_name["aux_loss"]
+    balanced = free["max_vio"] < none["max_vio"]
+    no_worse = free["val_loss"] <= aux["val_loss"]
+    held = "holds" if balanced and no_worse else "does not hold"
+    return (
+        "**Aux-loss-free claim** (Wang et al. 2024: bias balancing balances the load without the "
+        "auxiliary loss's interference gradients, so it ends better balanced than no balancing and "
+        f"no worse in loss than an auxiliary loss): it {held} here. MaxVio on the validation set: "
+        f"aux_free {free['max_vio']:.3f} vs none {none['max_vio']:.3f} "
+        f"({'lower' if balanced else 'not lower'}); validation loss: aux_free {free['val_loss']:.4f} vs "
+        f"aux_loss {aux['val_loss']:.4f} ({'no worse' if no_worse else 'worse'}). "
+        "`MaxVio` is measured on the validation batches at the end; `max vio batch` is the mean over "
+        "the logged training steps of each batch's MaxVio (mean over MoE layers)."
+    )
+
+
+register_study(
+    Study(
+        name="balancing",
+        title="Load balancing strategies on one DeepSeekMoE model",
+        variants=balancing_variants,
+        train=_architectures_train,
+        default_steps=300,
+        flops_tolerance=0.0,
+        notes=(
+            "Every variant is the same model (same parameters and FLOPs per token) trained on the same "
+            "tokens; only the balancing differs. Validation loss is the LM loss alone (no balance terms)."
+        ),
+        analyse=_balancing_analyse,
+        plot_max_vio=True,
+    )
+)
+
+
 __all__ = [
+    "BALANCING_FIELDS",
     "STUDIES",
     "Study",
     "StudyError",
     "Variant",
     "architecture_variants",
+    "balancing_variants",
     "check_flops_match",
     "get_study",
+    "plot_val_and_max_vio",
     "register_study",
     "results_table",
     "run_study",
