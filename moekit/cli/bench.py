@@ -18,20 +18,11 @@ import sys
 import torch
 
 from moekit.bench import QUICK_SHAPES, SHAPES, BenchRow, plot_results, run_bench
+from moekit.cli.args import positive_int
 from moekit.errors import MoekitError
 
 DEFAULT_REPEATS = 10
 QUICK_REPEATS = 2
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="toy-sized shapes and 2 repeats: a smoke test in seconds")
     p.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"timed rounds per row (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick)",
     )
@@ -66,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="torch intra-op threads, for every variant alike (default: torch's, usually the core count)",
     )

@@ -13,17 +13,8 @@ import argparse
 import json
 
 from moekit.accounting import COMPONENTS, DTYPE_BYTES, VENDOR_ACTIVE_CONVENTION, Report, account, weights_bytes
+from moekit.cli.args import positive_int
 from moekit.interop.hf_config import load_spec
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument(
-        "--seq-len", type=_positive_int, default=4096, help="context length for attention FLOPs (default 4096)"
+        "--seq-len", type=positive_int, default=4096, help="context length for attention FLOPs (default 4096)"
     )
     p.add_argument(
         "--dtype",
