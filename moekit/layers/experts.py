@@ -216,7 +216,7 @@ class _FusedExperts(torch.autograd.Function):
                     y.addr_(gate, b2[e])
                 out_TD.index_add_(0, tok, y)
 
-        out_TD = _map_experts(run, counts, torch.zeros_like(x_TD), token_N, gate_N, h1_NF, h3_NF)
+        out_TD = _map_experts(run, counts, w1.shape[1], torch.zeros_like(x_TD), token_N, gate_N, h1_NF, h3_NF)
         if save:
             ctx.save_for_backward(token_N, x_TD, gate_N, w1, w3, w2, b2, h1_NF, h3_NF)
             ctx.counts = counts
@@ -271,7 +271,7 @@ class _FusedExperts(torch.autograd.Function):
                     dx_TD.index_add_(0, tok, torch.mm(dh1, w1[e]).addmm_(dh3, w3[e]))
 
         dx_TD = torch.zeros_like(x_TD) if need_x else None
-        dx_TD = _map_experts(run, ctx.counts, dx_TD, token_N, gate_N, h1_NF, h3_NF, dgate_N)
+        dx_TD = _map_experts(run, ctx.counts, w1.shape[1], dx_TD, token_N, gate_N, h1_NF, h3_NF, dgate_N)
         return None, None, None, dx_TD, dgate_N, dw1, dw3, dw2, db1, db3, db2
 
 
@@ -283,13 +283,20 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None) -> Tenso
 
 
 # --- CPU threads for the fused loop ----------------------------------------------------------
-# NOTE: fine-grained experts get tens of rows each, and matmuls that small do not speed up with
-# torch's intra-op threads: each op would fork and join the team (and, on a machine shared with
-# other work, wait for a descheduled team member at every join). Measured on 2 cores, 256 experts x
-# 128 wide at 2048 tokens, the loop ran no faster with 2 intra-op threads than with 1. So the fused
-# loop splits the experts into ``torch.get_num_threads()`` contiguous groups with about equal rows
-# and runs each group on a worker thread whose torch ops are single-threaded (ops release the GIL).
-# Workers write disjoint weight-gradient slices; each has its own ``[T, D]`` accumulator, summed once.
+# NOTE: fine-grained experts get tens of rows each, and matmuls that small gain little from torch's
+# intra-op threads: every op forks and joins the OpenMP team, and on a machine shared with other
+# work each join can wait a whole time slice for a descheduled (or spinning) team member. Measured
+# on 2 cores, DeepSeek-V3-like (256 experts x 128 wide, 2048 tokens) forward: 2.04x dense with 2
+# intra-op threads against 1.58x with 2 single-threaded workers (OMP_WAIT_POLICY=passive), and 45x
+# against 2.0x with OpenMP's default spin-waiting on a busy machine. So for small experts the loop
+# splits the experts into ``torch.get_num_threads()`` contiguous groups of about equal rows and runs
+# each on a worker thread whose torch ops are single-threaded (ops release the GIL). Workers write
+# disjoint weight-gradient slices; each has its own ``[T, D]`` accumulator, summed once at the end.
+# Big experts (many rows x wide) keep torch's intra-op threads, which split one large matmul well.
+# Measured on 2 idle cores, hidden 1024: Mixtral-like at 2048 tokens (512 rows x 1024 wide per
+# expert) ran 0.94x dense inline and 1.23x on workers; DeepSeekMoE-like (192 x 256) 1.19x inline,
+# 1.13x on workers; its decode (6 x 256) 2.46x and 2.04x. Workers are used below this rows x width.
+_BIG_EXPERT = 2**18
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -299,7 +306,8 @@ _threads_override: int | None = None
 @contextlib.contextmanager
 def expert_threads(n: int | None):
     """Run the fused CPU loop on ``n`` worker threads inside the block (1: in the calling thread
-    with torch's own intra-op threads; None: ``torch.get_num_threads()``, the default)."""
+    with torch's own intra-op threads; None, the default: ``torch.get_num_threads()`` workers for
+    small experts, the calling thread for big ones)."""
     global _threads_override
     if n is not None and n < 1:
         raise ValueError(f"expert_threads needs n >= 1 or None, got {n}")
@@ -308,10 +316,6 @@ def expert_threads(n: int | None):
         yield
     finally:
         _threads_override = previous
-
-
-def _expert_threads() -> int:
-    return _threads_override if _threads_override is not None else torch.get_num_threads()
 
 
 def _single_threaded_worker() -> None:
@@ -346,17 +350,22 @@ if hasattr(os, "register_at_fork"):
 
 
 def _map_experts(
-    run: Callable[[list, Tensor | None], None], counts: list[int], acc_TD: Tensor | None, *rows_N
+    run: Callable[[list, Tensor | None], None], counts: list[int], ffn: int, acc_TD: Tensor | None, *rows_N
 ) -> Tensor | None:
     """Call ``run(experts, acc)`` on groups of the non-empty experts and return ``acc`` summed.
 
-    ``experts`` lists ``(e, *[rows of expert e in each of rows_N])`` (None stays None). With one
-    thread (or one expert, or off the CPU) it is one call in this thread; otherwise one call per
-    worker, each with its own zeroed copy of ``acc`` to accumulate into.
+    ``experts`` lists ``(e, *[rows of expert e in each of rows_N])`` (None stays None). Off the CPU,
+    with one thread, or when the experts' matmuls are big enough for torch's own threads (``ffn``,
+    the expert width, sizes them), it is one call in this thread; otherwise one call per worker,
+    each with its own zeroed copy of ``acc`` to accumulate into.
     """
     parts = [(None,) * len(counts) if r is None else r.split(counts) for r in rows_N]
     experts = [(e, *(p[e] for p in parts)) for e, n in enumerate(counts) if n]
-    n_groups = min(_expert_threads(), len(experts)) if rows_N[0].device.type == "cpu" else 1
+    n_groups = 1
+    if rows_N[0].device.type == "cpu" and experts:
+        mean_rows = sum(counts) / len(experts)
+        threads = _threads_override or (torch.get_num_threads() if mean_rows * ffn < _BIG_EXPERT else 1)
+        n_groups = min(threads, len(experts))
     if n_groups <= 1:
         run(experts, acc_TD)
         return acc_TD
