@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -28,8 +29,18 @@ class ConfigError(MoekitError, ValueError):
 
 
 def check_positive(name: str, value: int | float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_finite(obj: Any, prefix: str) -> None:
+    """Every float field of dataclass ``obj`` is finite (NaN compares false with every bound, so the
+    range checks alone would let it through)."""
+    dot = f"{prefix}." if prefix else ""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{dot}{f.name} must be a finite number, got {value!r}")
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -66,6 +77,7 @@ class AttentionConfig:
     mla_bias: bool = False  # bias on q_a / kv_a / o projections (HF's attention_bias for MLA)
 
     def validate(self, d_model: int) -> None:
+        check_finite(self, "attention")
         check_positive("attention.n_heads", self.n_heads)
         check_choice("attention.kind", self.kind, ("gqa", "mla"))
         check_choice("attention.qk_norm", self.qk_norm, ("none", "head", "full", "l2"))
@@ -157,6 +169,7 @@ class MoEConfig:
 
     def validate(self, n_layers: int | None) -> None:
         """Check every field; layer indices are range-checked once ``n_layers`` is known."""
+        check_finite(self, "moe")
         for name in ("n_routed_experts", "top_k", "expert_ffn_dim", "n_group", "topk_group", "moe_every"):
             check_positive(f"moe.{name}", getattr(self, name))
         if self.top_k > self.n_routed_experts:
@@ -267,6 +280,7 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_finite(self, "")
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "norm_eps"):
             check_positive(name, getattr(self, name))
         check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
@@ -366,6 +380,8 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -419,6 +435,54 @@ def set_by_path(cfg: ModelConfig, assignments: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(data)
 
 
+# Fields that change neither a model's tensors nor what its forward computes: a name, the context
+# cap of generation, and the training objective's balance losses (the process layout, threads,
+# kernels and the optimiser live outside ModelConfig altogether).
+NOT_ARCHITECTURE = frozenset(
+    {
+        "name",
+        "max_seq_len",
+        "moe.n_devices",
+        "moe.aux_loss_coef",
+        "moe.device_loss_coef",
+        "moe.seq_aux_loss_coef",
+        "moe.z_loss_coef",
+        "moe.aux_free_rate",
+    }
+)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k in ("attention", "moe"):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def architecture_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` that define its tensors and function, as a flat ``{"moe.top_k": 2, ...}``.
+
+    Two configs with equal fingerprints build models that accept each other's checkpoints and
+    compute the same function; ``moe.uses_selection_bias`` stands in for ``aux_free_rate`` (it
+    decides whether the selection-bias buffer exists; the rate itself is a training setting).
+    """
+    flat = _flatten(cfg.to_dict())
+    fp = {k: v for k, v in flat.items() if k not in NOT_ARCHITECTURE}
+    if cfg.moe is not None:
+        fp["moe.uses_selection_bias"] = cfg.moe.uses_selection_bias
+    return dict(sorted(fp.items()))
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``["moe.top_k: 2 -> 4", ...]`` for every field where two fingerprints differ."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
 def fine_grained(cfg: ModelConfig, m: int) -> ModelConfig:
     """DeepSeekMoE fine-grained expert segmentation with factor ``m``.
 
@@ -449,11 +513,14 @@ def fine_grained(cfg: ModelConfig, m: int) -> ModelConfig:
 __all__ = [
     "AttentionConfig",
     "ConfigError",
+    "architecture_fingerprint",
     "check_choice",
+    "check_finite",
     "check_positive",
     "dataclass_from_dict",
     "MoEConfig",
     "ModelConfig",
     "fine_grained",
+    "fingerprint_diff",
     "set_by_path",
 ]

@@ -1,9 +1,22 @@
-"""The error types moekit raises for bad user input; the CLI prints them as one line."""
+"""The error types moekit raises; the CLI prints each as one line.
+
+Exit codes of the ``moekit`` command: 2 for a ``MoekitError`` (bad input: a config value, a
+missing or foreign file, a refused destination), 1 for a ``RunError`` (the input was fine but the
+run failed: a non-finite loss, a full disk, a write the system refused).
+"""
 
 
 class MoekitError(Exception):
     """Base of every error caused by user input (configs, files, checkpoints, arguments)."""
 
+    exit_code = 2
+
 
 class CheckpointError(MoekitError):
     """A checkpoint is missing, incomplete, corrupt, or does not match the model it claims to hold."""
+
+
+class RunError(MoekitError):
+    """A run that started on valid input failed: training diverged, or the file system refused a write."""
+
+    exit_code = 1

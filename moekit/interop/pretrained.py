@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from moekit.atomic import atomic_folder
 from moekit.config import ConfigError, ModelConfig
+from moekit.files import record_owned, write_bytes, write_errors, write_json, write_text
 from moekit.interop.hf_weights import (
     CheckpointError,
     UnsupportedError,
@@ -40,6 +39,7 @@ from moekit.interop.hf_weights import (
     from_hf_state_dict,
     to_hf_state_dict,
 )
+from moekit.interop.safety import PRETRAINED_KIND, check_tied_head, member, plan_write
 from moekit.models.transformer import MoETransformer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
@@ -81,13 +81,13 @@ def weight_files(folder: Path) -> list[Path]:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{folder / INDEX} has no 'weight_map' object")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        files = [member(folder, name, str(folder / INDEX)) for name in sorted(set(weight_map.values()), key=str)]
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"shard {f.name} listed in {INDEX} is missing from {folder}")
         return files
     if (folder / WEIGHTS).is_file():
-        return [folder / WEIGHTS]
+        return [member(folder, WEIGHTS, str(folder))]
     found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     hint = f" (found {found[:3]}: only safetensors checkpoints are supported)" if found else ""
     raise CheckpointError(f"{folder} has neither {WEIGHTS} nor {INDEX}{hint}")
@@ -227,6 +227,7 @@ def from_pretrained(
 
     def state_dict(meta: bool) -> dict[str, Tensor]:
         tensors = read_tensors(folder, meta=meta)
+        check_tied_head(tensors, cfg.tie_embeddings, str(folder))
         if raw is not None:
             ignore = _hf_ignored(raw, cfg.n_layers)
             return from_hf_state_dict(tensors, cfg, raw["model_type"], ignore, what=f"checkpoint {folder}")
@@ -306,27 +307,25 @@ def _write_tensors(folder: Path, tensors: dict[str, Tensor], max_shard_size: int
         size += nbytes
     # NOTE: clone per shard: split experts are views of one stacked tensor, and safetensors
     # refuses tensors sharing storage. Peak extra memory is one shard.
+    # NOTE: serialised in memory, then written by ``write_bytes`` (see ``moekit.files``: a full
+    # disk must fail loudly); peak extra memory is two shards.
     meta = {"format": "pt"}
+
+    def write(names: list[str], file: str) -> None:
+        data = safetensors_bytes({k: tensors[k].detach().cpu().clone() for k in names}, metadata=meta)
+        write_bytes(folder / file, data, "weights")
+
     if len(shards) == 1:
-        save_file({k: tensors[k].detach().cpu().clone() for k in shards[0]}, folder / WEIGHTS, metadata=meta)
+        write(shards[0], WEIGHTS)
         return
     weight_map = {}
     for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k].detach().cpu().clone() for k in names}, folder / file, metadata=meta)
+        write(names, file)
         weight_map.update(dict.fromkeys(names, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-@contextmanager
-def _atomic_folder(dst: Path) -> Iterator[Path]:
-    """``atomic_folder``, but an existing ``dst`` is replaced only if it is empty or a checkpoint."""
-    if dst.exists() and not (dst.is_dir() and (not any(dst.iterdir()) or (dst / CONFIG).is_file())):
-        raise CheckpointError(f"{dst} exists and is not a checkpoint folder; refusing to replace it")
-    with atomic_folder(dst) as tmp:
-        yield tmp
+    write_json(folder / INDEX, index, "index")
 
 
 def save_pretrained(
@@ -337,6 +336,7 @@ def save_pretrained(
     model_type: str | None = None,
     max_shard_size: int | str = "5GB",
     copy_files: Iterable[str | Path] = (),
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a checkpoint folder, atomically (a temp folder renamed into place).
 
@@ -344,6 +344,10 @@ def save_pretrained(
     ``model_type`` None infers it from the config (``hf_export.infer_model_type``).
     ``format="moekit"``: ``ModelConfig`` JSON and moekit tensor names. ``model.tokenizer`` (if
     set) is written as ``tokenizer.json``; ``copy_files`` are copied in as they are.
+
+    An existing ``path`` is replaced only where moekit wrote it (``moekit.interop.safety.plan_write``):
+    a folder holding files moekit did not write is refused unless ``overwrite``, and even then only
+    its weights and config are replaced; its other files stay (and win over ``copy_files``).
     """
     from moekit.interop.hf_export import infer_model_type, to_hf_config
 
@@ -362,14 +366,17 @@ def save_pretrained(
         raise ConfigError(f"format must be 'hf' or 'moekit', got {format!r}")
     limit = _parse_size(max_shard_size)
     dst = Path(path)
-    with _atomic_folder(dst) as tmp:
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    keep = plan_write(dst, overwrite)
+    with write_errors(dst, "checkpoint folder"), atomic_folder(dst, carry=keep) as tmp:
+        write_json(tmp / CONFIG, config, "config")
         _write_tensors(tmp, tensors, limit)
         for f in map(Path, copy_files):
-            shutil.copy2(f, tmp / f.name)
+            if f.name not in keep:
+                write_bytes(tmp / f.name, f.read_bytes(), "file")
         tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None and not (tmp / TOKENIZER).exists():
-            tokenizer.save(str(tmp / TOKENIZER))
+        if tokenizer is not None and TOKENIZER not in keep and not (tmp / TOKENIZER).exists():
+            write_text(tmp / TOKENIZER, tokenizer.to_str(), "tokenizer")
+        record_owned(tmp, PRETRAINED_KIND, [p.name for p in tmp.iterdir()])
     return dst
 
 
@@ -381,12 +388,17 @@ def convert(
     model_type: str | None = None,
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Load ``src`` (either kind) and write it to ``dst`` as ``format``, carrying the tokenizer
-    and generation files (``SIDE_FILES``) across unchanged."""
+    and generation files (``SIDE_FILES``) across unchanged. ``dst`` may be ``src`` (with
+    ``overwrite``): its weights and config are rewritten, its other files kept."""
+    plan_write(Path(dst), overwrite)  # refuse before the (possibly long) load
     model = from_pretrained(src, dtype=dtype)
     side = [Path(src) / name for name in SIDE_FILES if (Path(src) / name).is_file()]
-    return save_pretrained(model, dst, format, model_type=model_type, max_shard_size=max_shard_size, copy_files=side)
+    return save_pretrained(
+        model, dst, format, model_type=model_type, max_shard_size=max_shard_size, copy_files=side, overwrite=overwrite
+    )
 
 
 __all__ = [

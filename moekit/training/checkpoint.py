@@ -8,29 +8,38 @@ A checkpoint is a folder ``<run>/checkpoints/step_0000100/`` holding
   these make the folder a moekit checkpoint folder, so ``moekit.from_pretrained`` and
   ``moekit convert`` read it directly;
 - ``trainer.pt``: optimiser state, RNG states, the data position and counters;
-- ``manifest.json``: the byte size and sha256 of every other file, written last.
+- ``manifest.json``: the byte size and sha256 of every other file, and the architecture
+  fingerprint of the model (``moekit.config.architecture_fingerprint``), written last.
 
 Writing goes to a temporary folder beside the final one; every file and the folder are fsynced,
 then the folder is renamed into place (atomic on POSIX) and its parent fsynced. So a crash leaves
 either the old set of checkpoints or the new one, and a stray ``.step_*.tmp-*`` folder that the next
 save removes. Reading checks the manifest first: a missing, truncated or altered file raises
-``CheckpointError`` naming it, instead of loading garbage.
+``CheckpointError`` naming it, instead of loading garbage; a manifest naming a path outside the
+folder is corrupt; loading into a model whose fingerprint differs names the differing fields;
+``trainer.pt`` is read with ``torch.load(weights_only=True)`` only. A failed write (a full disk)
+is a one-line ``RunError`` and leaves the previous checkpoints as they were.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from moekit.atomic import atomic_folder
+from moekit.config import ConfigError, ModelConfig, architecture_fingerprint, fingerprint_diff
 from moekit.errors import CheckpointError
+from moekit.files import write_bytes, write_errors, write_json, write_text
 from moekit.models.transformer import MoETransformer
 
 MODEL_FILE = "model.safetensors"
@@ -67,15 +76,20 @@ def save_checkpoint(
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight")
     # A step saved again (a resumed run that had already finished) replaces the old folder.
-    with atomic_folder(root / name) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / MODEL_FILE, metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    # NOTE: serialised in memory and written by ``write_bytes`` so that a full disk fails loudly.
+    with write_errors(root / name, "checkpoint"), atomic_folder(root / name) as tmp:
+        weights = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+        write_bytes(tmp / MODEL_FILE, weights, "checkpoint weights")
+        write_json(tmp / CONFIG_FILE, model.config.to_dict(), "checkpoint config")
         if tokenizer_json is not None:
-            (tmp / TOKENIZER_FILE).write_text(tokenizer_json)
-        torch.save(state, tmp / STATE_FILE)
+            write_text(tmp / TOKENIZER_FILE, tokenizer_json, "checkpoint tokenizer")
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_bytes(tmp / STATE_FILE, buf.getvalue(), "trainer state")
         files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "step": step, "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest["fingerprint"] = architecture_fingerprint(model.config)
+        write_json(tmp / MANIFEST_FILE, manifest, "checkpoint manifest")
     final = root / name
     for old_ckpt in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old_ckpt)
@@ -110,8 +124,13 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST_FILE}; {hint}") from None
     if not isinstance(files, dict) or not set(REQUIRED) <= set(files):
         raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST_FILE}; {hint}")
+    root = path.resolve()
     for fname, expected in files.items():
         f = path / fname
+        if "/" in fname or "\\" in fname or fname in ("", ".", "..") or f.resolve().parent != root:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST_FILE} names {fname!r}, outside the folder; {hint}")
+        if not isinstance(expected, dict) or not isinstance(expected.get("bytes"), int):
+            raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST_FILE}; {hint}")
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing; {hint}")
         size = f.stat().st_size
@@ -127,7 +146,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 def load_checkpoint(path: Path, model: MoETransformer, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Verify, load the weights into ``model`` in place and return the trainer state."""
     path = Path(path)
-    verify_checkpoint(path)
+    manifest = verify_checkpoint(path)
+    check_fingerprint(path, manifest, model.config)
     try:
         tensors = load_file(path / MODEL_FILE, device=str(device))
     except SafetensorError as e:  # intact by checksum, so written by something else
@@ -143,11 +163,33 @@ def load_checkpoint(path: Path, model: MoETransformer, device: torch.device | st
             f"checkpoint {path} does not fit this model (missing: {sorted(missing)[:3]}, "
             f"unexpected: {sorted(unexpected)[:3]}); was the config changed?"
         )
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint file {path / STATE_FILE} cannot be read: {reason}") from None
+
+
+def check_fingerprint(path: Path, manifest: dict[str, Any], config: ModelConfig) -> None:
+    """The checkpoint's architecture (its manifest's fingerprint, else its config.json) must be ``config``'s."""
+    saved = manifest.get("fingerprint")
+    if not isinstance(saved, dict):  # written before fingerprints: derive it from the saved config
+        try:
+            saved = architecture_fingerprint(ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())))
+        except (OSError, ValueError, ConfigError):
+            return  # nothing to compare; the tensor check below still catches shape changes
+    diff = fingerprint_diff(saved, architecture_fingerprint(config))
+    if diff:
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise CheckpointError(
+            f"checkpoint {path} holds a different architecture ({', '.join(diff[:3])}{more}; checkpoint -> "
+            "this model); load it with the config it was trained with"
+        )
 
 
 __all__ = [
     "CheckpointError",
+    "check_fingerprint",
     "checkpoint_dir",
     "latest_checkpoint",
     "list_checkpoints",

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from moekit.config import ConfigError, ModelConfig, check_choice, check_positive, dataclass_from_dict, set_by_path
+from moekit.config import (
+    ConfigError,
+    ModelConfig,
+    check_choice,
+    check_finite,
+    check_positive,
+    dataclass_from_dict,
+    set_by_path,
+)
 from moekit.presets import get_preset
 
 
@@ -54,6 +62,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_finite(self, "train")
         for name in (
             "steps",
             "batch_size",
@@ -98,6 +107,11 @@ class RunConfig:
         if self.train.tokenizer == "byte" and self.model.vocab_size != 256:
             # The byte tokenizer has exactly 256 ids; a larger embedding would only hold unused rows.
             self.model = self.model.replace(vocab_size=256)
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len ({self.train.seq_len}) is longer than the model's context max_seq_len "
+                f"({self.model.max_seq_len}); lower train.seq_len or raise max_seq_len"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "train": self.train.to_dict()}

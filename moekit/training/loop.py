@@ -13,6 +13,11 @@ One optimiser step: LM loss + the configured balance losses (``moekit.balancing.
 bf16 autocast on CUDA, plain fp32 on CPU. SIGINT/SIGTERM finish the current step, write a
 checkpoint and return; resuming restores weights, optimiser, RNG states and the data position,
 so on CPU the resumed loss sequence equals the uninterrupted one exactly.
+
+A non-finite loss or gradient norm stops training before the weights change (or, with
+``skip_nonfinite``, drops that step's update): see ``moekit.training.guard``. A run directory is
+locked while it is trained (``moekit.files.folder_lock``) and records the files it owns, so
+``force`` removes only those.
 """
 
 from __future__ import annotations
@@ -38,6 +43,18 @@ from moekit.accounting import account
 from moekit.balancing import balance_terms, max_vio, routing_stats, update_selection_bias
 from moekit.config import ConfigError
 from moekit.errors import MoekitError
+from moekit.files import (
+    LOCK_FILE,
+    check_folder_arg,
+    folder_lock,
+    listing,
+    read_owned,
+    record_owned,
+    user_entries,
+    write_errors,
+    write_json,
+    write_text,
+)
 from moekit.models.transformer import MoETransformer
 from moekit.training.checkpoint import (
     TOKENIZER_FILE,
@@ -48,13 +65,15 @@ from moekit.training.checkpoint import (
 )
 from moekit.training.config import RunConfig
 from moekit.training.data import Corpus, TrainBatches, load_corpus, val_batches
+from moekit.training.guard import NonFiniteGuard, step_is_finite
 from moekit.training.metrics import METRICS_FILE, MetricsLog, read_metrics
 from moekit.training.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, tokenize
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
-# Everything a run writes into its directory; --force removes exactly these.
+# Everything a run writes into its directory; --force removes exactly these (never other files).
 RUN_ARTEFACTS = (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, SUMMARY_FILE, "checkpoints", "loss.png", "expert_load.png")
+RUN_KIND = "run"  # the kind recorded in a run directory's .moekit-files.json
 
 
 class RunDirError(MoekitError):
@@ -82,9 +101,19 @@ def resolve_run(out: Path, run: RunConfig | None, *, resume: bool, force: bool, 
     ``resume`` continues the run saved in ``out``; ``run``, if given, must equal it except for
     ``train.steps``. ``steps`` overrides ``train.steps``.
     """
-    out = Path(out)
+    out = check_folder_arg(out, "run directory")
     if resume and force:
         raise RunDirError("pass either --resume or --force, not both")
+    if (out / LOCK_FILE).exists():
+        with folder_lock(out, "run directory"):  # refused at once while another process trains here
+            pass
+    if run is not None and steps is not None:
+        run = run.with_overrides({"train.steps": steps})
+    if not is_run_dir(out) and user_entries(out):
+        raise RunDirError(
+            f"{out} is not empty ({listing(user_entries(out))}) and holds no moekit run; choose a new --out "
+            "(--force replaces moekit runs only)"
+        )
     saved_path = out / CONFIG_FILE
     saved = RunConfig.from_json(saved_path) if saved_path.exists() and not force else None
     if resume and saved is not None:
@@ -99,14 +128,26 @@ def resolve_run(out: Path, run: RunConfig | None, *, resume: bool, force: bool, 
         d = _diff(saved.to_dict(), run.to_dict()) if run is not None else None
         if d:
             raise RunDirError(f"{out} holds a different run ({d}); pass --force to replace it or choose another --out")
-        raise RunDirError(f"{out} already holds this run; pass --resume to continue it or --force to start over")
-    elif out.exists() and any(out.iterdir()) and not force:
-        raise RunDirError(f"{out} is not empty and holds no moekit run; choose a new --out or pass --force")
+        last = latest_checkpoint(out)
+        done = f" ({int(last.name.removeprefix('step_'))} steps done)" if last is not None else ""
+        raise RunDirError(f"{out} already holds this run{done}; pass --resume to continue it or --force to start over")
     if run is None:
         raise RunDirError(f"{out} holds no run to resume; give --preset or --config to start one")
     if steps is not None:
         run = run.with_overrides({"train.steps": steps})
     return run
+
+
+def is_run_dir(out: Path) -> bool:
+    """A folder moekit trained a run in: recorded as one, or (older runs) a config.json of {model, train}."""
+    kind, _ = read_owned(out)
+    if kind is not None:
+        return kind == RUN_KIND
+    try:
+        data = json.loads((Path(out) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == {"model", "train"}
 
 
 def _clear_run(out: Path) -> None:
@@ -292,10 +333,35 @@ def train(
     steps: int | None = None,
     device: str | None = None,
     callback: TrainCallback | None = None,
+    skip_nonfinite: bool = False,
 ) -> TrainResult:
-    """Train ``run`` into directory ``out`` (see ``resolve_run`` for --resume / --force)."""
+    """Train ``run`` into directory ``out`` (see ``resolve_run`` for --resume / --force).
+
+    ``skip_nonfinite``: drop the update of a step whose loss or gradient norm is not finite and
+    count it (metrics ``skipped_steps``) instead of stopping with ``NonFiniteStop``.
+    """
     out = Path(out)
     run = resolve_run(out, run, resume=resume, force=force, steps=steps)
+    created = not out.exists()
+    with write_errors(out, "run directory"):
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(out, "run directory"):
+            return _train(run, out, resume, force, device, callback, NonFiniteGuard(skip_nonfinite))
+    finally:
+        if created and not user_entries(out):  # failed before writing anything: leave no trace
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _train(
+    run: RunConfig,
+    out: Path,
+    resume: bool,
+    force: bool,
+    device: str | None,
+    callback: TrainCallback | None,
+    guard: NonFiniteGuard,
+) -> TrainResult:
     dev = resolve_device(device)
     cb = callback or TrainCallback()
     t = run.train
@@ -306,11 +372,11 @@ def train(
     val = val_batches(data.val_tokens, t.batch_size, t.seq_len, t.eval_batches)
     if force:  # only once the new run is known to start: a bad config or corpus keeps the old run
         _clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run.to_json(out / CONFIG_FILE)
+    record_owned(out, RUN_KIND, RUN_ARTEFACTS)
+    write_json(out / CONFIG_FILE, run.to_dict(), "run config")
     tokenizer_json = data.tokenizer.to_str() if isinstance(data.tokenizer, BPETokenizer) else None
     if tokenizer_json is not None:
-        (out / TOKENIZER_FILE).write_text(tokenizer_json)
+        write_text(out / TOKENIZER_FILE, tokenizer_json, "tokenizer")
 
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -323,6 +389,7 @@ def train(
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         step, position, elapsed = state["step"], state["position"], state["elapsed_s"]
+        guard.skipped = state.get("skipped_steps", 0)
         if state["corpus_digest"] != data.corpus.digest:
             warnings.warn(
                 f"the training text changed since {ckpt} was written; the resumed run will not match an uninterrupted one",
@@ -333,6 +400,7 @@ def train(
 
     def save() -> Path:
         state = {"step": step, "position": position, "elapsed_s": elapsed, "corpus_digest": data.corpus.digest}
+        state["skipped_steps"] = guard.skipped
         state.update(optimizer=opt.state_dict(), rng=_rng_state())
         return save_checkpoint(out, step, model, state, t.keep_checkpoints, tokenizer_json)
 
@@ -356,10 +424,15 @@ def train(
                 aux = sum(terms.values()) if terms else torch.zeros((), device=dev)
                 opt.zero_grad(set_to_none=True)
                 (output.loss + aux).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
-                opt.step()
-                if moe is not None and moe.aux_free_rate > 0:
-                    update_selection_bias(model, output.routing)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+                # Non-finite loss or gradient: stop (or skip the update) before the weights change.
+                if bool(step_is_finite(output.loss + aux, grad_norm)):
+                    guard.good_step()
+                    opt.step()
+                    if moe is not None and moe.aux_free_rate > 0:
+                        update_selection_bias(model, output.routing)
+                else:
+                    guard.bad_step(step + 1, output.loss + aux, grad_norm, saved_at)
                 step += 1
                 position += t.batch_size
                 elapsed += time.perf_counter() - t0
@@ -375,7 +448,8 @@ def train(
                         * tokens_per_step
                         / max(elapsed - last_log_elapsed, 1e-9),
                         "max_vio": stats.get("max_vio"),
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "grad_norm": float(grad_norm),
+                        "skipped_steps": guard.skipped,
                         "tokens": position * t.seq_len,
                         "elapsed_s": elapsed,
                     }
@@ -425,7 +499,7 @@ def write_summary(
         "train_corpus_tokens": int(len(data.train_tokens)),
         "val_corpus_tokens": int(len(data.val_tokens)),
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / SUMMARY_FILE, summary, "run summary")
     return summary
 
 
@@ -467,6 +541,7 @@ __all__ = [
     "TrainResult",
     "build_optimizer",
     "evaluate",
+    "is_run_dir",
     "load_run",
     "lr_at",
     "prepare_data",

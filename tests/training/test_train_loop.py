@@ -112,7 +112,7 @@ def test_aux_free_bias_moves_only_when_enabled(tmp_path, text_dir, tiny_run, tin
 def test_output_directory_is_guarded(tmp_path, text_dir, tiny_run, tiny_model):
     run = tiny_run(text_dir, steps=2)
     train(run, tmp_path / "r")
-    with pytest.raises(RunDirError, match="already holds this run; pass --resume"):
+    with pytest.raises(RunDirError, match=r"already holds this run \(2 steps done\); pass --resume"):
         train(run, tmp_path / "r")
     other = tiny_run(text_dir, tiny_model(top_k=1), steps=2)
     with pytest.raises(RunDirError, match=r"different run \(model.moe.top_k: 2 -> 1\)"):
@@ -122,13 +122,13 @@ def test_output_directory_is_guarded(tmp_path, text_dir, tiny_run, tiny_model):
     metrics_before = (tmp_path / "r" / "metrics.jsonl").read_text()
     assert metrics_before  # nothing was overwritten by the refused attempts
     with pytest.raises(DataError):  # a --force that cannot start keeps the old run
-        train(other.with_overrides({"train.seq_len": 10**6}), tmp_path / "r", force=True)
+        train(other.with_overrides({"train.data": str(tmp_path / "missing")}), tmp_path / "r", force=True)
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics_before
     train(other, tmp_path / "r", force=True)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["moe"]["top_k"] == 1
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="not empty and holds no moekit run"):
+    with pytest.raises(RunDirError, match=r"not empty \(notes.txt\) and holds no moekit run"):
         train(run, tmp_path / "foreign")
 
 
