@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.errors import MoekitError
+from moekit.files import save_png
 from moekit.layers.experts import expert_threads
 from moekit.layers.mlp import FeedForward
 from moekit.layers.moe import MoE
@@ -413,7 +414,7 @@ def plot_results(rows: list[BenchRow], path: str) -> None:
         ax.set_ylabel("time relative to the dense FFN of equal FLOPs")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120, what="--plot")
     plt.close(fig)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -197,6 +198,14 @@ def check_may_replace_file(path: Path | str, what: str) -> Path:
     return path
 
 
+def save_png(fig: Any, path: Path | str, dpi: int, what: str = "plot") -> Path:
+    """Write a matplotlib figure as a PNG tagged ``Software: moekit``, replacing only moekit's own PNGs."""
+    path = check_may_replace_file(path, what)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": PNG_SOFTWARE})
+    return write_bytes(path, buf.getvalue(), what)
+
+
 # Locks ------------------------------------------------------------------------------------------
 
 
@@ -239,6 +248,7 @@ __all__ = [
     "is_moekit_file",
     "listing",
     "read_owned",
+    "save_png",
     "record_owned",
     "user_entries",
     "write_bytes",

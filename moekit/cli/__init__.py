@@ -1,13 +1,20 @@
 """The ``moekit`` command: a thin argparse front over the library.
 
 Each subcommand lives in its own module exposing ``register(subparsers)``; it parses, calls the
-library, prints. User errors (bad config, missing file, ...) end in one line on stderr and exit 2.
+library, prints. Every failure ends in one line on stderr, never a traceback:
+
+- exit 2: bad input -- a malformed option (argparse), a ``MoekitError`` (bad config, missing or
+  foreign file, refused destination);
+- exit 1: the run failed -- a ``RunError`` (non-finite loss, a write the system refused), any other
+  ``OSError``, or a moekit bug (then the line says so; ``MOEKIT_TRACEBACK=1`` shows the traceback);
+- exit 130: interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from moekit.errors import MoekitError
@@ -16,33 +23,62 @@ from moekit.errors import MoekitError
 COMMANDS = ["quickstart", "params", "convert", "train", "eval", "plot", "compare", "bench"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what was wrong and where to look), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from moekit import __version__
+
+    parser = OneLineParser(
         prog="moekit",
         description="Mixture-of-Experts transformer LMs: accounting, training, checkpoints, benchmarks.",
     )
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"moekit.cli.{name}").register(sub)
     return parser
 
 
+def _fail(command: str, message: str, code: int) -> int:
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"moekit {command}: error: {line}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else 2
+    command = args.command
     try:
         return int(args.func(args) or 0)
     except MoekitError as e:
-        print(f"moekit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(command, str(e), e.exit_code)
     except BrokenPipeError:  # e.g. `moekit params X --json | head`: the reader left, not an error
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"moekit {args.command}: interrupted", file=sys.stderr)
+        print(f"moekit {command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file-system fault no writer anticipated: still one line
+        where = f" {e.filename}" if e.filename else ""
+        return _fail(command, f"{e.strerror or e}:{where}" if where else str(e.strerror or e), 1)
+    except Exception as e:  # a bug in moekit: say so in one line; MOEKIT_TRACEBACK=1 shows where
+        if os.environ.get("MOEKIT_TRACEBACK"):
+            raise
+        return _fail(
+            command,
+            f"internal error {type(e).__name__}: {e} (a moekit bug: please report it; "
+            "MOEKIT_TRACEBACK=1 shows the traceback)",
+            1,
+        )
 
 
 if __name__ == "__main__":

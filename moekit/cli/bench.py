@@ -18,8 +18,9 @@ import sys
 import torch
 
 from moekit.bench import QUICK_SHAPES, SHAPES, BenchRow, plot_results, run_bench
-from moekit.cli.args import positive_int
+from moekit.cli.args import positive_float, positive_int
 from moekit.errors import MoekitError
+from moekit.files import check_may_replace_file, write_text
 
 DEFAULT_REPEATS = 10
 QUICK_REPEATS = 2
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     p.add_argument(
         "--max-seconds",
-        type=float,
+        type=positive_float,
         default=60.0,
         help="stop a row's rounds early once it has 3 and ran this long (default 60)",
     )
@@ -63,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory measurement")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart of time relative to dense")
-    p.add_argument("--save", metavar="FILE", help="also write the --json rows to FILE")
+    p.add_argument("--save", metavar="FILE", help="also write the --json rows to FILE (written first, before the plot)")
     p.set_defaults(func=run)
 
 
@@ -76,6 +77,15 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device(device) if device is not None else None
     except RuntimeError as e:
         raise MoekitError(f"invalid --device {args.device!r}: {e}") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise MoekitError(f"--device {args.device}: CUDA is not available on this machine")
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise MoekitError(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    # Check the destinations before minutes of timing, not after.
+    if args.save:
+        check_may_replace_file(args.save, "--save")
+    if args.plot:
+        check_may_replace_file(args.plot, "--plot")
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -93,16 +103,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
         torch.set_num_threads(threads)  # main() may run inside a longer-lived process (tests, notebooks)
+    # Results first, in the order least likely to fail: nothing after the timings may lose them.
+    text = json.dumps([r.to_dict() for r in rows], indent=2)
+    if args.json:
+        print(text, flush=True)
+    else:
+        _print_table(rows)
+    if args.save:
+        try:
+            write_text(args.save, text + "\n", "--save")
+        except MoekitError:
+            if not args.json:
+                print(text, flush=True)  # the rows survive on stdout
+            raise
+    if args.save and not args.json:
+        print(f"Rows written to {args.save}.")
     if args.plot:
         plot_results(rows, args.plot)
-    text = json.dumps([r.to_dict() for r in rows], indent=2)
-    if args.save:
-        with open(args.save, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        _print_table(rows, args.plot)
+        if not args.json:
+            print(f"Plot written to {args.plot}.")
     return 0
 
 
@@ -150,7 +169,7 @@ def _mib(v: float | None) -> str:
     return "-" if v is None else f"{v:,.1f}"
 
 
-def _print_table(rows: list[BenchRow], plot: str | None) -> None:
+def _print_table(rows: list[BenchRow]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -230,6 +249,4 @@ def _print_table(rows: list[BenchRow], plot: str | None) -> None:
                 "The machine is busy: OpenMP threads spin-wait for each other, which costs many-small-op "
                 "layers far more than one big matmul; OMP_WAIT_POLICY=passive or --threads 1 give steadier ratios."
             )
-    if plot:
-        notes.append(f"Plot written to {plot}.")
     console.print("\n".join(notes))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.cli.args import positive_int
 from moekit.training.compare import CURVES_PNG, RESULTS_JSON, RESULTS_MD, STUDIES, results_table, run_study
 from moekit.training.config import parse_assignments
 from moekit.training.progress import RichProgress
@@ -17,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         + "; ".join(f"{name}: {s.title} (default {s.default_steps} steps)" for name, s in STUDIES.items()),
     )
     p.add_argument("--study", required=True, choices=sorted(STUDIES), help="which comparison to run")
-    p.add_argument("--steps", type=int, help="training steps per model (default: the study's)")
+    p.add_argument("--steps", type=positive_int, help="training steps per model (default: the study's)")
     p.add_argument("--out", required=True, help="study directory (one run directory per model inside)")
     p.add_argument(
         "--set",

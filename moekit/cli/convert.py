@@ -1,7 +1,9 @@
 """``moekit convert SRC DST --format hf|moekit``: rewrite a checkpoint folder in either layout.
 
 SRC is a Hugging Face folder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) or a moekit
-folder; DST is written atomically. Tokenizer and generation files are carried across.
+folder; DST is written atomically. Tokenizer and generation files are carried across. DST must be
+new, empty, or written by moekit; ``--overwrite`` lets it replace the weights and config of another
+folder (even SRC itself), keeping every other file there (README.md, LICENSE, tokenizer files).
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Load a Hugging Face or moekit checkpoint folder and write it in the chosen layout.",
     )
     p.add_argument("src", metavar="SRC", help="checkpoint folder (config.json + safetensors)")
-    p.add_argument("dst", metavar="DST", help="folder to write (replaced if it is a checkpoint folder)")
+    p.add_argument("dst", metavar="DST", help="folder to write: new, empty, or one moekit wrote")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="DST holds a model moekit did not write: replace its weights and config (other files are kept)",
+    )
     p.add_argument("--format", choices=["hf", "moekit"], default="hf", help="layout to write (default: hf)")
     p.add_argument("--model-type", default=None, help="HF model_type to write (default: inferred from the config)")
     p.add_argument(
@@ -36,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         model_type=args.model_type,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.format} checkpoint to {dst}")
     return 0

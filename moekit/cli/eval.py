@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from moekit.config import ConfigError
+from moekit.cli.args import positive_int
 from moekit.training.data import val_batches
 from moekit.training.loop import evaluate, load_run, prepare_data
 
@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="validation loss/perplexity of a trained run")
     p.add_argument("run_dir", metavar="DIR", help="a run directory written by `moekit train`")
     p.add_argument("--checkpoint", help="checkpoint folder or name (default: the newest)")
-    p.add_argument("--batches", type=int, help="validation batches (default: the run's train.eval_batches)")
+    p.add_argument("--batches", type=positive_int, help="validation batches (default: the run's train.eval_batches)")
     p.add_argument("--data", help="evaluate on the validation split of this text file or folder instead")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -23,8 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batches is not None and args.batches < 1:
-        raise ConfigError(f"--batches must be a positive integer, got {args.batches}")
     loaded = load_run(args.run_dir, args.checkpoint, args.device)
     cfg = loaded.config
     if args.data is not None:

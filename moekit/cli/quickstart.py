@@ -10,6 +10,7 @@ import math
 import torch
 
 from moekit.accounting import account
+from moekit.cli.args import positive_int
 from moekit.presets import get_preset
 from moekit.training.config import RunConfig, TrainConfig
 from moekit.training.data import stdlib_source
@@ -54,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(BPE tokenizer trained and cached on first use), then print its accounting, validation loss, "
         "plots and a generated sample. Running it again continues the same run.",
     )
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})")
+    p.add_argument(
+        "--steps", type=positive_int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
+    )
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     p.add_argument("--force", action="store_true", help="start over instead of continuing a previous quickstart")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

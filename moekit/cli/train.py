@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a model on text (default: this Python's standard library sources)",
         description="Train a model into --out: config.json, metrics.jsonl, checkpoints/, summary.json. "
-        "Ctrl-C saves a checkpoint; --resume continues it.",
+        "Ctrl-C saves a checkpoint; --resume continues it. A NaN/inf loss or gradient stops training (exit 1) "
+        "before the weights change. --force replaces only the files of a moekit run, never other files.",
     )
     p.add_argument("--preset", help="model preset, e.g. tiny, tiny-mixtral, tiny-dense (a wrong name lists them all)")
     p.add_argument("--config", help="JSON run config (a run's config.json) or model config")
@@ -34,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     group.add_argument("--force", action="store_true", help="start over, replacing the run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip (and count) steps whose loss or gradient norm is NaN/inf instead of stopping (exit 1)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -49,7 +55,14 @@ def run(args: argparse.Namespace) -> int:
         )
     progress = None if args.quiet else RichProgress("train")
     result = train(
-        cfg, args.out, resume=args.resume, force=args.force, steps=args.steps, device=args.device, callback=progress
+        cfg,
+        args.out,
+        resume=args.resume,
+        force=args.force,
+        steps=args.steps,
+        device=args.device,
+        callback=progress,
+        skip_nonfinite=args.skip_nonfinite,
     )
     if result.interrupted:
         print(
@@ -59,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
         return 130
     s = result.summary
     assert s is not None
+    train_loss = "-" if s["train_loss"] is None else f"{s['train_loss']:.4f}"  # none logged (resumed at the end)
+    skipped = f", {s['skipped_steps']} non-finite steps skipped" if s.get("skipped_steps") else ""
     print(
         f"step {s['steps']}: val loss {s['val_loss']:.4f} (perplexity {s['val_ppl']:.2f}), "
-        f"train loss {s['train_loss']:.4f}, {s['tokens']:,} tokens in {s['train_time_s']:.0f} s"
+        f"train loss {train_loss}, {s['tokens']:,} tokens in {s['train_time_s']:.0f} s{skipped}"
     )
     print(
         f"params {s['total_params']:,} total, {s['active_params']:,} active; "

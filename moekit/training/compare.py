@@ -20,7 +20,6 @@ picks up where an interrupted study stopped) and writes
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,17 @@ from typing import Any, Literal
 from moekit.accounting import account
 from moekit.config import AttentionConfig, ModelConfig, MoEConfig, fine_grained
 from moekit.errors import MoekitError
+from moekit.files import (
+    check_folder_arg,
+    listing,
+    read_owned,
+    record_owned,
+    save_png,
+    user_entries,
+    write_errors,
+    write_json,
+    write_text,
+)
 from moekit.training.ablation import specialisation_test
 from moekit.training.config import RunConfig, TrainConfig
 from moekit.training.loop import TrainCallback, train
@@ -37,6 +47,7 @@ from moekit.training.metrics import read_metrics
 from moekit.training.plots import _pyplot, plot_val_curves
 
 RESULTS_JSON, RESULTS_MD, CURVES_PNG = "results.json", "results.md", "val_curves.png"
+STUDY_KIND = "study"  # the kind recorded in a study folder's .moekit-files.json
 
 
 class StudyError(MoekitError):
@@ -119,6 +130,7 @@ def run_study(
     runs = study_runs(study, steps, overrides)
     if (out / RESULTS_JSON).exists() and not (resume or force):
         raise StudyError(f"{out} already holds study results; pass --resume to continue or --force to start over")
+    _claim_study_dir(out, [v.name for v, _ in runs])
     start = time.perf_counter()
     rows = []
     for v, run in runs:
@@ -149,16 +161,31 @@ def run_study(
                 "train_time_s": s["train_time_s"],
             }
         )
+    write_json(out / RESULTS_JSON, rows, "study results")  # first: what follows may fail
     analysis = study.analyse(out, rows, device) if study.analyse else ""
     elapsed = time.perf_counter() - start
-    (out / RESULTS_JSON).write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(out / RESULTS_JSON, rows, "study results")  # again: the analysis may add columns
     curves = {r["name"]: read_metrics(out / r["name"]) for r in rows}
     if study.plot_max_vio:
         plot_val_and_max_vio(curves, out / CURVES_PNG, title=study.title)
     else:
         plot_val_curves(curves, out / CURVES_PNG, title=f"{study.title}: validation loss")
-    (out / RESULTS_MD).write_text(results_markdown(study, rows, runs[0][1], elapsed, analysis))
+    write_text(out / RESULTS_MD, results_markdown(study, rows, runs[0][1], elapsed, analysis), "study results")
     return rows
+
+
+def _claim_study_dir(out: Path, variants: list[str]) -> None:
+    """``out`` must be new, empty or this study's own folder; it then records what the study writes."""
+    out = check_folder_arg(out, "--out")
+    names = [*variants, RESULTS_JSON, RESULTS_MD, CURVES_PNG]
+    kind, _ = read_owned(out)
+    foreign = [n for n in user_entries(out) if n not in names]
+    if kind not in (None, STUDY_KIND) or foreign:
+        what = f"a moekit {kind} folder" if kind not in (None, STUDY_KIND) else f"not this study's: {listing(foreign)}"
+        raise StudyError(f"--out {out} holds files that are {what}; choose a new --out")
+    with write_errors(out, "study folder"):
+        out.mkdir(parents=True, exist_ok=True)
+    record_owned(out, STUDY_KIND, names)
 
 
 def plot_val_and_max_vio(curves: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> Path:
@@ -180,7 +207,7 @@ def plot_val_and_max_vio(curves: dict[str, list[dict[str, Any]]], path: Path, ti
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 

@@ -463,7 +463,7 @@ def _train(
                 cb.on_step(step, record)
     finally:
         cb.on_end()
-    summary = write_summary(out, run, model, val, dev, step, elapsed, data)
+    summary = write_summary(out, run, model, val, dev, step, elapsed, data, guard.skipped)
     return TrainResult(out, step, False, saved_at, summary)
 
 
@@ -476,6 +476,7 @@ def write_summary(
     step: int,
     elapsed: float,
     data: RunData,
+    skipped: int = 0,
 ) -> dict[str, Any]:
     """Evaluate the final model and write ``summary.json``."""
     ev = evaluate(model, val, dev)
@@ -493,6 +494,7 @@ def write_summary(
         "steps": step,
         "tokens": step * run.train.batch_size * run.train.seq_len,
         "train_time_s": elapsed,
+        "skipped_steps": skipped,
         "tokenizer": data.tokenizer.kind,
         "vocab_size": run.model.vocab_size,
         "corpus": data.corpus.source,

@@ -12,9 +12,10 @@ validation batches).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from moekit.files import write_errors, write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -29,9 +30,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):  # anything else is not ours
+            records.append(record)
     return records
 
 
@@ -43,14 +46,12 @@ class MetricsLog:
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept), "metrics")
         elif resume_step is None:
-            self.path.write_text("")
+            write_text(self.path, "", "metrics")
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
+        with write_errors(self.path, "metrics"), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 

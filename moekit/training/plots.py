@@ -14,6 +14,7 @@ from typing import Any
 
 from moekit.config import ModelConfig
 from moekit.errors import MoekitError
+from moekit.files import check_folder_arg, save_png, write_errors
 from moekit.training.metrics import read_metrics
 
 
@@ -47,7 +48,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> P
         ax.set_ylim(bottom=0, top=max(r["max_vio"] for r in vio) * 1.1 + 1e-3)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 
@@ -64,7 +65,7 @@ def plot_expert_load(load: list[list[float]], layer_ids: list[int], path: Path, 
     ax.set_title(title or "expert load (x uniform share)")
     fig.colorbar(im, ax=ax, label="load / uniform load")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 
@@ -80,7 +81,7 @@ def plot_val_curves(curves: dict[str, list[dict[str, Any]]], path: Path, title: 
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 
@@ -88,12 +89,20 @@ def plot_val_curves(curves: dict[str, list[dict[str, Any]]], path: Path, title: 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """``loss.png`` and, for MoE runs, ``expert_load.png`` of a run directory (into ``out``)."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MoekitError(f"run directory {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
     records = read_metrics(run_dir)
     if not records:
         raise MoekitError(f"{run_dir} has no metrics.jsonl records to plot; is it a moekit run directory?")
-    out_dir = Path(out) if out is not None else run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    out_dir = check_folder_arg(out, "--out") if out is not None else run_dir
+    with write_errors(out_dir, "plot folder"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    except (OSError, ValueError) as e:
+        raise MoekitError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
+        raise MoekitError(f"{run_dir / 'config.json'} is not a moekit run config")
     name = config.get("model", {}).get("name") or run_dir.name
     paths = [plot_losses(records, out_dir / "loss.png", title=f"{name}: loss")]
     loads = [r for r in records if r.get("expert_load")]
