@@ -13,9 +13,9 @@ PNGs carry ``Software: moekit`` in their metadata, bench results are a JSON list
 Writes go through ``write_bytes`` / ``write_text`` (temporary name, fsync, rename), and every
 ``OSError`` of a write becomes a ``RunError`` that says what could not be written and why, with
 the free space when the disk is full. NOTE: tensors are serialised to bytes in memory first
-(``safetensors.torch.save``), because some writers swallow short writes: safetensors' ``save_file``
-into a full device returned without error in our tests, and ``torch.save`` to a path reports
-"unexpected pos" instead of ENOSPC.
+(``safetensors.torch.save``, ``torch.save`` into a buffer) and written here, so every write fails
+the same way: ``torch.save`` to a path reports a full disk as "unexpected pos ...", and
+safetensors' ``save_file`` writes through its own code path that we cannot watch.
 """
 
 from __future__ import annotations

@@ -95,10 +95,10 @@ def plan_write(dst: Path, overwrite: bool) -> list[str]:
         raise MoekitError(f"destination {dst} is {what}; write the checkpoint to another folder")
     kind, owned = read_owned(dst)
     foreign = [n for n in entries if n not in owned]
-    if not foreign:
-        return []
     replaced = [n for n in foreign if WEIGHTS_AND_CONFIG.fullmatch(n)]
     kept = [n for n in foreign if n not in replaced]
+    if kind == PRETRAINED_KIND and not replaced:  # moekit's own checkpoint with the user's files beside it
+        return kept
     if not overwrite:
         if replaced:
             also = f"; its other files are kept ({listing(kept)})" if kept else ""

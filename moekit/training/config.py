@@ -185,6 +185,8 @@ def _read_json_object(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return data

@@ -58,10 +58,12 @@ from moekit.files import (
 from moekit.models.transformer import MoETransformer
 from moekit.training.checkpoint import (
     TOKENIZER_FILE,
+    check_fingerprint,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from moekit.training.config import RunConfig
 from moekit.training.data import Corpus, TrainBatches, load_corpus, val_batches
@@ -366,6 +368,8 @@ def _train(
     cb = callback or TrainCallback()
     t = run.train
     ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:  # a damaged or foreign checkpoint is refused before anything is written
+        check_fingerprint(ckpt, verify_checkpoint(ckpt), run.model)
     tokenizer = read_tokenizer(out, run) if resume and (out / CONFIG_FILE).exists() else None
     data = prepare_data(run, tokenizer)
     batches = TrainBatches(data.train_tokens, t.batch_size, t.seq_len, t.seed)
@@ -522,6 +526,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).exists():
         raise RunDirError(f"{run_dir} is not a moekit run directory (no {CONFIG_FILE})")
+    if not is_run_dir(run_dir):
+        raise RunDirError(f"{run_dir} is not a moekit run directory (its {CONFIG_FILE} is not a run's)")
     run = RunConfig.from_json(run_dir / CONFIG_FILE)
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:

@@ -1,7 +1,13 @@
-"""A rich progress bar for the training loop: step, loss, tokens/s and ETA, on stderr."""
+"""Training progress on stderr: step, loss, tokens/s and ETA.
+
+On a terminal, a rich progress bar. Anywhere else (nohup, a batch scheduler's log, a pipe) a bar
+would print nothing until the end, so ``RichProgress`` writes a plain line instead: at the start,
+then at most every ``LINE_EVERY_S`` seconds, and at the last step.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -9,17 +15,33 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moekit.training.loop import TrainCallback
 
+LINE_EVERY_S = 5.0
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
 
 class RichProgress(TrainCallback):
-    """Shows one bar per run; the loss and tokens/s shown are those of the latest logged step."""
+    """One bar (or line stream) per run; loss and tokens/s are those of the latest logged step."""
 
     def __init__(self, description: str = "train", console: Console | None = None):
         self.description = description
         self.console = console or Console(stderr=True)
         self._progress: Progress | None = None
         self._task: Any = None
+        self.clock = time.monotonic  # replaceable in tests
+        self._lines = False
 
     def on_start(self, step: int, total: int) -> None:
+        if not self.console.is_terminal:
+            self._lines = True
+            self._total, self._first, self._loss, self._tps = total, step, "-", "-"
+            self._t0 = self._last = self.clock()
+            self._print(f"{self.description}: starting at step {step} of {total}")
+            return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -35,12 +57,28 @@ class RichProgress(TrainCallback):
         self._task = self._progress.add_task(self.description, total=total, completed=step, loss="-", tps="-")
 
     def on_step(self, step: int, record: dict[str, Any] | None) -> None:
-        if self._progress is None:
-            return
         fields = {}
         if record is not None:
             fields = {"loss": f"{record['loss']:.3f}", "tps": f"{record['tokens_per_s']:,.0f}"}
+        if self._lines:
+            self._loss, self._tps = fields.get("loss", self._loss), fields.get("tps", self._tps)
+            now = self.clock()
+            if now - self._last >= LINE_EVERY_S or step >= self._total:
+                self._last = now
+                elapsed = now - self._t0
+                done = step - self._first
+                eta = _clock(elapsed / done * (self._total - step)) if done > 0 else "?"
+                self._print(
+                    f"{self.description} step {step}/{self._total} ({step / self._total:.0%}) loss {self._loss} "
+                    f"{self._tps} tok/s elapsed {_clock(elapsed)} ETA {eta}"
+                )
+            return
+        if self._progress is None:
+            return
         self._progress.update(self._task, completed=step, **fields)
+
+    def _print(self, line: str) -> None:
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def on_end(self) -> None:
         if self._progress is not None:
@@ -48,4 +86,4 @@ class RichProgress(TrainCallback):
             self._progress = None
 
 
-__all__ = ["RichProgress"]
+__all__ = ["LINE_EVERY_S", "RichProgress"]

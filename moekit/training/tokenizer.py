@@ -9,7 +9,8 @@ Cache layout (``$MOEKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/moekit``, else ``~/.
 
 The tokenizer id hashes the tokenizer itself, so token files can never be read with another
 tokenizer than the one that wrote them. Files are written to a temporary name and renamed, so
-two runs preparing the same corpus at once never read a half-written file.
+two runs preparing the same corpus at once never read a half-written file. A cache file that
+cannot be read (damaged by hand, a disk fault) is an error naming it and how to clear it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Protocol
 import numpy as np
 
 from moekit.config import ConfigError
+from moekit.errors import MoekitError
+from moekit.files import write_errors
 from moekit.training.data import Corpus, Document
 
 EOT = "<|endoftext|>"
@@ -113,15 +116,24 @@ def cache_root() -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with write_errors(path, "cache file"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def corrupt_cache(path: Path, why: str) -> MoekitError:
+    """The error for a damaged cache file: which file, why, and how to clear it."""
+    return MoekitError(
+        f"cache file {path} is corrupt ({why}); delete it (rm {path}) to rebuild it, "
+        f"or clear moekit's whole cache (rm -r {cache_root()})"
+    )
 
 
 def get_tokenizer(kind: str, vocab_size: int, corpus: Corpus, cache: Path | None = None) -> Tokenizer:
@@ -131,7 +143,10 @@ def get_tokenizer(kind: str, vocab_size: int, corpus: Corpus, cache: Path | None
         return ByteTokenizer()
     path = (cache or cache_root()) / "corpora" / corpus.digest[:16] / f"bpe-{vocab_size}.json"
     if path.exists():
-        return BPETokenizer.from_str(path.read_text())
+        try:
+            return BPETokenizer.from_str(path.read_text())
+        except Exception as e:  # tokenizers raises plain Exceptions for malformed files
+            raise corrupt_cache(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     tok = BPETokenizer.train([d.text for d in corpus.train], vocab_size)
     _atomic_write(path, lambda p: p.write_text(tok.to_str()))
     return tok
@@ -147,7 +162,13 @@ def tokenize(tok: Tokenizer, corpus: Corpus, cache: Path | None = None) -> tuple
         if not path.exists():
             arr = _encode(tok, docs)
             _atomic_write(path, lambda p, arr=arr: _save_npy(p, arr))
-        out.append(np.load(path, mmap_mode="r"))
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise corrupt_cache(path, str(e) or type(e).__name__) from None
+        if arr.ndim != 1 or (arr.size and int(arr.max()) >= tok.vocab_size):
+            raise corrupt_cache(path, f"it does not hold token ids below {tok.vocab_size}")
+        out.append(arr)
     return out[0], out[1]
 
 
