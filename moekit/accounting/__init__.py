@@ -29,7 +29,7 @@ from moekit.accounting.flops import (
     kv_cache_values_per_token,
     weights_bytes,
 )
-from moekit.accounting.params import count_params, model_components
+from moekit.accounting.params import count_extended, count_params, model_components
 from moekit.accounting.report import Report, account
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "Report",
     "Term",
     "account",
+    "count_extended",
     "count_flops",
     "count_params",
     "kv_cache_bytes_per_token",

@@ -146,6 +146,7 @@ class ParamCount:
     active_range: tuple[int, int] | None = None
     outside_total: tuple[str, ...] = ()  # components reported but not summed (e.g. "mtp")
     notes: tuple[str, ...] = ()
+    tied_head_matmul: int = 0
 
     @classmethod
     def build(
@@ -178,6 +179,18 @@ class ParamCount:
             active_range=active_range,
             outside_total=tuple(c.name for c in components if not c.in_total),
             notes=notes,
+            tied_head_matmul=tied_head_matmul,
+        )
+
+    def rebuilt(self, components: list[Component], notes: tuple[str, ...] = ()) -> ParamCount:
+        """The same count over changed ``components`` (say, the MTP module brought into the
+        total), keeping the tied head, the active range and the notes (plus ``notes``)."""
+        return ParamCount.build(
+            components,
+            tied_embeddings=self.tied_embeddings,
+            tied_head_matmul=self.tied_head_matmul,
+            active_range=self.active_range,
+            notes=self.notes + notes,
         )
 
     def active_by(self, convention: ActiveConvention) -> int:

@@ -13,7 +13,7 @@ every always-on part plus ``top_k / n_routed`` of the routed experts, the DeepSe
 
 from __future__ import annotations
 
-from moekit.accounting.counts import COMPONENTS, AttentionShape, Component, ParamCount, Term
+from moekit.accounting.counts import COMPONENTS, AttentionShape, Component, Counted, ParamCount, Term
 from moekit.config import AttentionConfig, ModelConfig, MoEConfig
 
 
@@ -167,3 +167,33 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     """
     tied = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
     return ParamCount.build(model_components(cfg), tied_embeddings=cfg.tie_embeddings, tied_head_matmul=tied)
+
+
+def count_extended(
+    cfg: ModelConfig,
+    extra: list[Component] = (),
+    *,
+    replace: dict[str, Component] | None = None,
+    notes: tuple[str, ...] = (),
+    quantization: dict | None = None,
+) -> Counted:
+    """``cfg`` counted with ``extra`` components (after ``attention``, or before ``lm_head``
+    for those named ``mtp``) and some of its own ``replace`` d: what a type moekit cannot
+    build adds to the nearest ``ModelConfig`` (Arctic's residual MLP, DeepSeek-V3.2's indexer)."""
+    comps = [(replace or {}).get(c.name, c) for c in model_components(cfg)]
+    at = [c.name for c in comps].index("attention") + 1
+    for c in extra:
+        if c.name == "mtp":
+            comps.append(c)
+        else:
+            comps.insert(at, c)
+            at += 1
+    tied = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
+    p = ParamCount.build(comps, tied_embeddings=cfg.tie_embeddings, tied_head_matmul=tied, notes=notes)
+    return Counted(
+        name=cfg.name,
+        params=p,
+        attention=(attention_shape(cfg.attention, cfg.n_layers),),
+        max_seq_len=cfg.max_seq_len,
+        quantization=quantization,
+    )

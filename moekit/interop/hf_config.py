@@ -79,15 +79,16 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
 
 
-def load_spec(spec: str) -> ModelConfig:
-    """Resolve a model SPEC: a preset name, a moekit config JSON (``ModelConfig.to_dict`` form),
-    a Hugging Face ``config.json``, or a folder holding a ``config.json``.
+def read_spec(spec: str) -> tuple[Path | None, dict[str, Any] | ModelConfig]:
+    """Resolve a model SPEC to a ``ModelConfig`` (a preset, a moekit config JSON) or to the
+    path and dict of a Hugging Face ``config.json`` (a file, or a folder holding one).
 
-    A file is a Hugging Face config when it has ``model_type``, a moekit config when it has
+    A file is a Hugging Face config when it has ``model_type`` (or an ``architectures`` entry a
+    type record knows: Grok-1 ports carry no model_type), a moekit config when it has
     ``d_model``. Every failure is a ``ConfigError`` naming the preset or file.
     """
     if spec in PRESETS:
-        return get_preset(spec)
+        return None, get_preset(spec)
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
@@ -100,11 +101,8 @@ def load_spec(spec: str) -> ModelConfig:
     data = _read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
-    if "model_type" in data:
-        cfg = config_from_hf(data, where=f"config file {path}")
-        if not data.get("_name_or_path"):  # name it after its folder (or file), not its type
-            cfg.name = path.parent.name if path.name == "config.json" else path.stem
-        return cfg
+    if "model_type" in data or type_of(data) is not None:
+        return path, data
     if "d_model" in data:
         try:
             cfg = ModelConfig.from_dict(data)
@@ -112,10 +110,22 @@ def load_spec(spec: str) -> ModelConfig:
             raise ConfigError(f"config file {path}: {e}") from None
         if not cfg.name:
             cfg.name = path.stem if path.name != "config.json" else path.parent.name
-        return cfg
+        return path, cfg
     raise ConfigError(
         f"config file {path} is neither a moekit config (no 'd_model') nor a Hugging Face config.json (no 'model_type')"
     )
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "load_spec"]
+def load_spec(spec: str) -> ModelConfig:
+    """Resolve a model SPEC (see ``read_spec``) to a buildable ``ModelConfig``."""
+    path, data = read_spec(spec)
+    if isinstance(data, ModelConfig):
+        return data
+    assert path is not None
+    cfg = config_from_hf(data, where=f"config file {path}")
+    if not data.get("_name_or_path"):  # name it after its folder (or file), not its type
+        cfg.name = path.parent.name if path.name == "config.json" else path.stem
+    return cfg
+
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "load_spec", "read_spec", "resolve_type"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from moekit.errors import MoekitError
 
 if TYPE_CHECKING:
-    from moekit.accounting import ParamCount
+    from moekit.accounting import Component, Counted
     from moekit.config import ModelConfig
     from moekit.interop.types._reader import Reader
 
@@ -49,9 +49,10 @@ def _no_refusals(d: dict[str, Any]) -> None:
 class ModelType:
     """Everything moekit knows about one Hugging Face ``model_type``.
 
-    ``read`` turns a config into a buildable ``ModelConfig``; ``account`` (for types moekit can
-    count but not build: hybrids, extra attention parts) turns it straight into a ``ParamCount``.
-    A type has at least one of them. ``write`` and ``architecture`` make it exportable; ``layout``
+    ``read`` turns a config into a buildable ``ModelConfig``; ``extras`` adds the components that
+    config lacks (multi-token-prediction modules, Arctic's residual MLP), making the count a
+    ``Counted``; ``account`` (for types moekit can count but not build: hybrids, zero-computation
+    experts) turns the config straight into a ``Counted``. A type has ``read`` or ``account``. ``write`` and ``architecture`` make it exportable; ``layout``
     makes its checkpoints loadable. ``refuse`` raises ``UnsupportedError`` for options that change
     the computation but not the shapes (checked when loading weights, not when counting).
     ``ignored`` are regexes of checkpoint tensor names the model does not use, ``{n_layers}`` and
@@ -63,7 +64,8 @@ class ModelType:
 
     name: str
     read: Callable[[Reader], ModelConfig] | None = None
-    account: Callable[[Reader], ParamCount] | None = None
+    account: Callable[[Reader], Counted] | None = None
+    extras: Callable[[Reader, ModelConfig], list[Component]] | None = None
     write: Callable[[ModelConfig], dict[str, Any]] | None = None
     architecture: str | None = None
     layout: HFLayout | None = None
