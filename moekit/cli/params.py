@@ -1,10 +1,13 @@
 """``moekit params SPEC``: total/active parameters, FLOPs and memory of a model, with the formula.
 
 SPEC is a preset name, a moekit config JSON, a Hugging Face config.json, or a folder holding one
-(``moekit.interop.hf_config.load_spec``). ``--json`` prints ``moekit.accounting.Report.to_dict()``:
+(``moekit.interop.counting.load_counted``: any MoE type transformers knows, and the native
+readers of ``moekit.interop.types``). ``--json`` prints ``moekit.accounting.Report.to_dict()``:
 ``total``, ``active``, ``breakdown`` (per component, ``embedding`` and ``lm_head`` included),
 ``flops_per_token`` (forward, at ``--seq-len``), ``weights_bytes`` (a dict by dtype: fp32, bf16,
-fp8, plus ``--dtype`` if it is another) and ``kv_cache_bytes_per_token`` (at ``--dtype``).
+fp8, plus ``--dtype`` if it is another) and ``kv_cache_bytes_per_token`` (at ``--dtype``; null
+when the attention layers are unknown). Models with zero-computation experts add ``active_min``
+/ ``active_max``; quantised configs add ``quantization`` and ``stored_bytes``.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from moekit.accounting import COMPONENTS, DTYPE_BYTES, VENDOR_ACTIVE_CONVENTION, Report, account, weights_bytes
+from moekit.accounting import DTYPE_BYTES, VENDOR_ACTIVE_CONVENTION, Report, account, weights_bytes
 from moekit.cli.args import positive_int
-from moekit.interop.hf_config import load_spec
+from moekit.interop.counting import load_counted
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,19 +46,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="charge attention over the mean causal context (S+1)/2 instead of the full S",
     )
+    p.add_argument(
+        "--mtp",
+        action="store_true",
+        help="count multi-token-prediction modules in the total (vendors publish totals without them)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_spec(args.spec)
-    report = account(cfg, args.seq_len, kv_dtype=args.dtype, causal=args.causal)
+    model = load_counted(args.spec, include_mtp=args.mtp)
+    report = account(model, args.seq_len, kv_dtype=args.dtype, causal=args.causal)
     data = report.to_dict()
     if args.dtype not in data["weights_bytes"]:
-        data["weights_bytes"].update(weights_bytes(cfg, (args.dtype,)))
+        data["weights_bytes"].update(weights_bytes(model, (args.dtype,)))
     if args.json:
         print(json.dumps(data, indent=2))
     else:
-        _print_human(report, data, args.dtype, cfg.max_seq_len)
+        _print_human(report, data, args.dtype, report.max_seq_len)
     return 0
 
 
@@ -84,14 +92,22 @@ def _print_human(report: Report, data: dict, dtype: str, max_seq_len: int) -> No
     table.add_column("total", justify="right")
     table.add_column("active", justify="right")
     table.add_column("% of total", justify="right")
-    for name in COMPONENTS:
-        total, active = p.breakdown[name], p.active_breakdown[name]
-        note = " (tied: in embedding)" if name == "lm_head" and p.tied_embeddings else ""
+    for c in p.components:
+        total, active = p.breakdown[c.name], p.active_breakdown[c.name]
+        note = " (tied: in embedding)" if c.name == "lm_head" and p.tied_embeddings else ""
+        note += " (not in the total; --mtp adds it)" if not c.in_total else ""
         share = f"{100 * total / p.total:.1f}" if p.total else "-"
-        table.add_row(name + note, f"{total:,}", f"{active:,}", share)
+        table.add_row(c.name + note, f"{total:,}", f"{active:,}", share)
     table.add_section()
-    table.add_row("[bold]all[/bold]", f"[bold]{p.total:,}[/bold]", f"[bold]{p.active:,}[/bold]", "100.0")
+    uniform = " [dim](uniform routing)[/dim]" if p.active_range else ""
+    table.add_row("[bold]all[/bold]", f"[bold]{p.total:,}[/bold]", f"[bold]{p.active:,}[/bold]{uniform}", "100.0")
     console.print(table)
+    if p.active_range is not None:
+        lo, hi = p.active_range
+        console.print(
+            f"zero-computation experts: 'active' assumes uniform routing; it ranges from {_human(lo)} to "
+            f"{_human(hi)} with the router's choices (active_min / active_max in --json)"
+        )
 
     summary = Table(show_header=False, title="summary", title_justify="left")
     summary.add_column("what")
@@ -103,15 +119,22 @@ def _print_human(report: Report, data: dict, dtype: str, max_seq_len: int) -> No
     )
     summary.add_row("active without embedding and head (non-embedding)", _human(p.active_by("non_embedding")))
     ctx = "causal mean" if f.causal else "full"
+    if f.attention_per_token is None:
+        ctx = "matmuls only: attention layers not known"
     summary.add_row(f"forward FLOPs / token (S={f.seq_len}, {ctx} attention)", _human(f.forward_per_token, "FLOP"))
     summary.add_row("training FLOPs / token (3 × forward)", _human(f.train_per_token, "FLOP"))
     summary.add_row(f"training FLOPs / {f.seq_len}-token sequence", _human(f.train_per_sequence, "FLOP"))
     for dt, n in data["weights_bytes"].items():
         mark = " *" if dt == dtype else ""
         summary.add_row(f"weights at {dt}{mark}", _bytes(n))
+    if report.quantization is not None and report.stored_bytes is not None:
+        summary.add_row(f"stored checkpoint ({report.quantization}, scales included)", _bytes(report.stored_bytes))
     kv = report.kv_cache_bytes_per_token
-    summary.add_row(f"KV cache / token ({dtype})", _bytes(kv))
-    summary.add_row(f"KV cache / {max_seq_len}-token sequence ({dtype})", _bytes(kv * max_seq_len))
+    if kv is None:
+        summary.add_row(f"KV cache / token ({dtype})", "n/a (attention layers not known)")
+    else:
+        summary.add_row(f"KV cache / token ({dtype})", _bytes(kv))
+        summary.add_row(f"KV cache / {max_seq_len}-token sequence ({dtype})", _bytes(kv * max_seq_len))
     console.print(summary)
     console.print("[bold]formula[/bold] (numbers filled in)")
     console.print(report.formula, soft_wrap=True)

@@ -17,40 +17,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig
-from moekit.errors import CheckpointError, MoekitError
+from moekit.errors import CheckpointError
+from moekit.interop.types import TYPES, HFLayout, UnsupportedError
 
-
-class UnsupportedError(MoekitError):
-    """A model type, config option or tensor that moekit cannot map (the message names it)."""
-
-
-@dataclass(frozen=True)
-class HFLayout:
-    """Where one Hugging Face model type keeps its MoE tensors (all other names are shared)."""
-
-    moe: str  # the sparse block's module inside a layer: "block_sparse_moe" (Mixtral) or "mlp"
-    expert: tuple[str, str, str]  # per-expert names of the gate (w1), up (w3) and down (w2) matrices
-    shared: str | None = None  # shared-expert FFN module: "shared_expert" (Qwen2-MoE), "shared_experts"
-    # The type's router always has a selection bias (DeepSeek-V3's e_score_correction_bias), so
-    # an export of a model without one writes zeros.
-    selection_bias: bool = False
-
-
-_GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
-
-LAYOUTS: dict[str, HFLayout] = {
-    "mixtral": HFLayout("block_sparse_moe", ("w1", "w3", "w2")),
-    "qwen2_moe": HFLayout("mlp", _GATE_UP_DOWN, shared="shared_expert"),
-    "qwen3_moe": HFLayout("mlp", _GATE_UP_DOWN),
-    "olmoe": HFLayout("mlp", _GATE_UP_DOWN),
-    "deepseek_v3": HFLayout("mlp", _GATE_UP_DOWN, shared="shared_experts", selection_bias=True),
-}
+LAYOUTS: dict[str, HFLayout] = {name: t.layout for name, t in TYPES.items() if t.layout is not None}
 
 
 def layout(model_type: str) -> HFLayout:

@@ -40,6 +40,8 @@ from moekit.interop.hf_weights import (
     to_hf_state_dict,
 )
 from moekit.interop.safety import PRETRAINED_KIND, check_tied_head, member, plan_write
+from moekit.interop.types import get_type
+from moekit.interop.types._base import refused
 from moekit.models.transformer import MoETransformer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
@@ -136,26 +138,13 @@ def load_tokenizer(path: str | Path) -> Any | None:
 
 # Config options transformers honours but ModelConfig does not represent: refuse them rather than
 # load a model that computes something else. (config_from_hf already rejects what changes shapes.)
+# The checks every type shares are here; each type's own are its record's ``refuse``.
 def _check_hf_options(d: dict[str, Any]) -> None:
-    mt = d.get("model_type")
-    where = f"config.json (model_type {mt})"
-
-    def refuse(key: str, why: str) -> None:
-        raise UnsupportedError(f"{where}: '{key}' = {d[key]!r} is not supported: {why}")
-
+    where = f"config.json (model_type {d.get('model_type')})"
     if d.get("quantization_config") is not None:
-        refuse("quantization_config", "quantized checkpoints must be dequantized first")
+        raise refused(d, "quantization_config", "quantized checkpoints must be dequantized first")
     if d.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "moekit's FFNs are SwiGLU (silu)")
-    if mt == "mixtral" and d.get("sliding_window") is not None:
-        if d["sliding_window"] < d.get("max_position_embeddings", 0):
-            refuse("sliding_window", "sliding-window attention is not implemented")
-    if mt in ("qwen2_moe", "qwen3_moe") and d.get("use_sliding_window"):
-        refuse("use_sliding_window", "sliding-window attention is not implemented")
-    if mt == "olmoe" and d.get("clip_qkv") is not None:
-        refuse("clip_qkv", "q/k/v clamping is not implemented")
-    if mt == "deepseek_v3" and d.get("scoring_func", "sigmoid") != "sigmoid":
-        refuse("scoring_func", "transformers' DeepSeek-V3 always scores with a sigmoid")
+        raise refused(d, "hidden_act", "moekit's FFNs are SwiGLU (silu)")
     for key in ("rope_scaling", "rope_parameters"):
         rope = d.get(key)
         if isinstance(rope, dict) and rope.get("truncate") is False:
@@ -164,21 +153,9 @@ def _check_hf_options(d: dict[str, Any]) -> None:
             raise UnsupportedError(
                 f"{where}: '{key}.partial_rotary_factor' is not supported: rotary covers whole heads"
             )
-
-
-def _hf_ignored(d: dict[str, Any], n_layers: int):
-    """Checkpoint tensors the model does not use: rotary caches of old exports and DeepSeek-V3's
-    multi-token-prediction layers (``num_nextn_predict_layers`` after the last layer)."""
-    n_extra = int(d.get("num_nextn_predict_layers") or 0)
-    layer = re.compile(r"model\.layers\.(\d+)\.")
-
-    def ignore(name: str) -> bool:
-        if name.endswith("rotary_emb.inv_freq"):
-            return True
-        m = layer.match(name)
-        return m is not None and n_layers <= int(m.group(1)) < n_layers + n_extra
-
-    return ignore
+    t = get_type(d.get("model_type", ""))
+    if t is not None:
+        t.refuse(d)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -215,8 +192,8 @@ def from_pretrained(
 ) -> MoETransformer:
     """Load a Hugging Face or moekit checkpoint folder as a ``MoETransformer`` (in eval mode).
 
-    Hugging Face model types: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 (hub per-expert
-    or transformers-5 fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of
+    Hugging Face model types: those whose record is ``loadable`` (``moekit.interop.types``: mixtral,
+    qwen2_moe, qwen3_moe, olmoe, deepseek_v3; hub per-expert or transformers-5 fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of
     its embedding); buffers (the router's selection bias) stay fp32 as in transformers.
     ``device="meta"`` reads headers only. ``model.tokenizer`` is the folder's tokenizer or None.
     Raises ``CheckpointError`` / ``UnsupportedError`` / ``ConfigError`` (all ``MoekitError``).
@@ -229,7 +206,8 @@ def from_pretrained(
         tensors = read_tensors(folder, meta=meta)
         check_tied_head(tensors, cfg.tie_embeddings, str(folder))
         if raw is not None:
-            ignore = _hf_ignored(raw, cfg.n_layers)
+            t = get_type(raw["model_type"])
+            ignore = t.ignore(raw, cfg.n_layers) if t is not None else None
             return from_hf_state_dict(tensors, cfg, raw["model_type"], ignore, what=f"checkpoint {folder}")
         return _from_moekit_state_dict(tensors, cfg, what=f"moekit checkpoint {folder}")
 

@@ -1,0 +1,93 @@
+"""Writing Hugging Face ``config.json`` dicts: the checks and keys the exportable types share.
+
+Each writer first checks that the config is expressible in its model type and raises
+``UnsupportedError`` naming the first field that is not (say, ``moe.capacity_factor``:
+transformers' MoE blocks never drop tokens). Training-only settings (balancing coefficients,
+noise) do not change the forward pass and are not written. Rope settings are written in the
+legacy ``rope_theta``/``rope_scaling`` form, which every transformers release since 4.56 reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moekit.config import ModelConfig, MoEConfig
+from moekit.interop.types._base import UnsupportedError
+
+
+def require(ok: bool, field: str, value: Any, model_type: str, expected: str) -> None:
+    if not ok:
+        raise UnsupportedError(f"{field}={value!r} cannot be written as model_type {model_type!r}: expected {expected}")
+
+
+def common(cfg: ModelConfig, model_type: str, architecture: str) -> tuple[MoEConfig, dict[str, Any]]:
+    """Checks every supported type shares, and the keys every type writes."""
+    moe = cfg.moe
+    if moe is None:
+        raise UnsupportedError(f"moe is None: model_type {model_type!r} needs an MoE config")
+    att = cfg.attention
+    for field, value, ok, expected in [
+        ("norm", cfg.norm, cfg.norm == "rmsnorm", "'rmsnorm'"),
+        ("lm_head_bias", cfg.lm_head_bias, not cfg.lm_head_bias, "False"),
+        ("attention.sinks", att.sinks, not att.sinks, "False"),
+        ("moe.router", moe.router, moe.router == "topk", "'topk'"),
+        ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is None, "None (dropless)"),
+        ("moe.router_bias", moe.router_bias, not moe.router_bias, "False"),
+        ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),
+    ]:
+        require(ok, field, value, model_type, expected)
+    if att.kind != "mla":
+        require(not att.rope_interleave, "attention.rope_interleave", True, model_type, "False")
+    out: dict[str, Any] = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": att.n_heads,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "num_experts_per_tok": moe.top_k,
+        "rope_theta": att.rope_theta,
+    }
+    if att.rope_scaling is not None:
+        out["rope_scaling"] = dict(att.rope_scaling)
+    if att.kind == "gqa":
+        out["num_key_value_heads"] = att.n_kv_heads
+        out["head_dim"] = att.head_dim
+    return moe, out
+
+
+def softmax_router(cfg: ModelConfig, moe: MoEConfig, model_type: str) -> None:
+    """Mixtral/Qwen/OLMoE routers: softmax over all experts, top-k, optional renormalisation."""
+    for field, value, ok, expected in [
+        ("moe.score_func", moe.score_func, moe.score_func == "softmax", "'softmax'"),
+        ("moe.routed_scaling_factor", moe.routed_scaling_factor, moe.routed_scaling_factor == 1.0, "1.0"),
+        ("moe.n_group", moe.n_group, moe.n_group == 1, "1"),
+        ("moe.selection_bias", moe.uses_selection_bias, not moe.uses_selection_bias, "False"),
+    ]:
+        require(ok, field, value, model_type, expected)
+
+
+def gqa(cfg: ModelConfig, model_type: str, qk_norm: str, biases: str) -> bool:
+    """Check the attention; ``biases``: "qkv" (Qwen2-MoE), "all" (one attention_bias flag)."""
+    att = cfg.attention
+    require(att.kind == "gqa", "attention.kind", att.kind, model_type, "'gqa'")
+    require(att.qk_norm == qk_norm, "attention.qk_norm", att.qk_norm, model_type, repr(qk_norm))
+    if biases == "all":
+        require(att.qkv_bias == att.o_bias, "attention.o_bias", att.o_bias, model_type, f"{att.qkv_bias} (= qkv_bias)")
+    else:
+        require(not att.o_bias, "attention.o_bias", att.o_bias, model_type, "False")
+    return att.qkv_bias
+
+
+def all_moe(cfg: ModelConfig, model_type: str) -> None:
+    require(cfg.n_dense_layers == 0, "moe layers", cfg.moe_layer_ids, model_type, "every layer an MoE layer")
+
+
+def qwen_placement(cfg: ModelConfig) -> dict[str, Any]:
+    """Qwen: layer i is MoE iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
+    moe_ids = set(cfg.moe_layer_ids)
+    return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(cfg.n_layers) if i not in moe_ids]}

@@ -1,0 +1,31 @@
+"""Phi-3.5-MoE (``phimoe``): LayerNorm, an lm_head bias, top-2 routing (its sparsemixer router changes
+behaviour, not parameters)."""
+
+from __future__ import annotations
+
+from moekit.config import ModelConfig
+from moekit.interop.types._base import ModelType
+from moekit.interop.types._reader import MISSING, Reader, common, make
+
+
+def read(r: Reader) -> ModelConfig:
+    base = common(r)
+    bias = r.bool("attention_bias", False)
+    base["attention"].update(qkv_bias=bias, o_bias=bias)
+    moe = dict(
+        n_routed_experts=r.int("num_local_experts", MISSING, "num_experts"),
+        top_k=r.int("num_experts_per_tok"),
+        expert_ffn_dim=r.int("intermediate_size"),
+    )
+    return make(
+        r,
+        base,
+        dense_ffn_dim=r.int("intermediate_size"),
+        moe=moe,
+        moe_ids=list(range(base["n_layers"])),
+        norm="layernorm",
+        lm_head_bias=r.bool("lm_head_bias", False),
+    )
+
+
+PHIMOE = ModelType("phimoe", read=read)
