@@ -14,18 +14,28 @@ Losses (each weighted by its ``MoEConfig`` coefficient, summed over MoE layers b
 - ``router_z_loss``: ST-MoE's router z-loss (Zoph et al. 2022).
 
 Shapes: T tokens (B sequences of S, batch-major), E routed experts, K slots per token.
+
+Data parallelism: the losses built on batch-wide expert loads (``switch_aux_loss``,
+``device_balance_loss``) take ``reduce``, a function summing a tensor over the data-parallel
+ranks (``moekit.parallel.all_reduce_sum``). The loads f_i then come from the GLOBAL batch, while
+P_i stays this rank's mean: the ranks' losses average to the one-process loss of the global
+batch, and so do their gradients (Megatron computes it the same way). The per-sequence and
+per-token losses (``seq_balance_loss``, ``router_z_loss``) need nothing: a mean of equal local
+means is the global mean. The aux-free update is given globally summed loads by the caller.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.layers.router import Router, Routing
+
+Reduce = Callable[[Tensor], Tensor]  # sums a tensor over data-parallel ranks
 
 
 def chosen_counts(routing: Routing, n_seqs: int = 1) -> Tensor:
@@ -54,7 +64,7 @@ def router_probs(routing: Routing) -> Tensor:
     return routing.scores_TE / routing.scores_TE.sum(dim=-1, keepdim=True)
 
 
-def switch_aux_loss(routing: Routing) -> Tensor:
+def switch_aux_loss(routing: Routing, reduce: Reduce | None = None) -> Tensor:
     """Switch/GShard balance loss ``E * sum_i f_i * P_i`` (Fedus et al. 2021, eq. 4).
 
     f_i: the fraction of chosen assignments that went to expert i (no gradient, counted before
@@ -64,21 +74,27 @@ def switch_aux_loss(routing: Routing) -> Tensor:
     DeepSeekMoE's expert-level loss ``alpha_1 * sum_i f'_i P_i`` with ``f'_i = E/(K T) *
     count_i`` is the same number: ``f'_i = E * count_i / (K T) = E * f_i``. So ``aux_loss_coef``
     is both Switch's alpha and DeepSeekMoE's alpha_1, and one function serves both.
+    ``reduce`` sums the loads over data-parallel ranks (see the module docstring).
     """
     counts_E = chosen_counts(routing)[0]
+    if reduce is not None:
+        counts_E = reduce(counts_E)
     f_E = counts_E / counts_E.sum()
     p_E = router_probs(routing).mean(dim=0)
     return counts_E.numel() * (f_E * p_E).sum()
 
 
-def device_balance_loss(routing: Routing, n_devices: int) -> Tensor:
+def device_balance_loss(routing: Routing, n_devices: int, reduce: Reduce | None = None) -> Tensor:
     """DeepSeekMoE device-level loss ``sum_d f''_d P''_d`` (Dai et al. 2024, eq. 14-16).
 
     Experts are split into ``n_devices`` equal contiguous groups; f''_d is the mean of the
     expert-level ``f'_i = E * count_i / (K T)`` over group d, P''_d the sum of P_i over it.
     Uniform routing gives 1, as does any routing that balances the devices exactly.
+    The groups are the config's ``moe.n_devices``, whatever the processes' layout.
     """
     counts_E = chosen_counts(routing)[0]
+    if reduce is not None:
+        counts_E = reduce(counts_E)
     e = counts_E.numel()
     if e % n_devices:
         raise ValueError(f"{e} experts do not split into {n_devices} devices")
@@ -109,17 +125,19 @@ def router_z_loss(routing: Routing) -> Tensor:
     return torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
 
 
-def balance_terms(routings: Sequence[Routing], cfg: MoEConfig) -> dict[str, Tensor]:
+def balance_terms(routings: Sequence[Routing], cfg: MoEConfig, reduce: Reduce | None = None) -> dict[str, Tensor]:
     """Each enabled balance loss, weighted by its coefficient and summed over MoE layers.
+
+    ``reduce`` sums loads over data-parallel ranks (one call per layer and loss).
 
     Keys (present only when the coefficient is > 0): "aux", "device", "seq_aux", "z".
     """
     learned = [r for r in routings if r.scores_TE is not None]
     terms = {}
     if cfg.aux_loss_coef > 0:
-        terms["aux"] = cfg.aux_loss_coef * _sum(switch_aux_loss(r) for r in learned)
+        terms["aux"] = cfg.aux_loss_coef * _sum(switch_aux_loss(r, reduce) for r in learned)
     if cfg.device_loss_coef > 0:
-        terms["device"] = cfg.device_loss_coef * _sum(device_balance_loss(r, cfg.n_devices) for r in learned)
+        terms["device"] = cfg.device_loss_coef * _sum(device_balance_loss(r, cfg.n_devices, reduce) for r in learned)
     if cfg.seq_aux_loss_coef > 0:
         terms["seq_aux"] = cfg.seq_aux_loss_coef * _sum(seq_balance_loss(r) for r in learned)
     if cfg.z_loss_coef > 0:

@@ -1,9 +1,20 @@
 """The routed experts: SwiGLU FFNs stored as stacked weights, and the ways to compute them.
 
 Shapes: T tokens, K experts per token, N rows (kept assignments, sorted by expert), E experts,
-F expert width, D model width. Weights ``w1_EFD`` (gate), ``w3_EFD`` (up), ``w2_EDF`` (down), each
-like ``nn.Linear.weight`` per expert, so expert parallelism shards dim 0 and checkpoint mapping
-stacks/splits dim 0. ``y = w2 (silu(w1 x + b1) * (w3 x + b3)) + b2``; biases only for gpt-oss.
+F expert width, D model width. ``y = w2 (silu(w1 x + b1) * (w3 x + b3)) + b2``; biases only for gpt-oss.
+
+The expert weight layout (decided once; expert parallelism, expert tensor parallelism, checkpoint
+names and any future fused gate+up matmul share it): three stacked tensors ``w1_EFD`` (gate),
+``w3_EFD`` (up), ``w2_EDF`` (down), each ``[E, out, in]`` like ``nn.Linear.weight`` per expert.
+- Expert parallelism shards dim 0: a rank holds a contiguous block of GLOBAL expert ids.
+- Expert tensor parallelism slices F (distributed-llama): w1/w3 rows (their outputs), w2 columns
+  (its inputs), so every rank's slice is a contiguous block of one axis and partial outputs sum.
+- Checkpoints store the full tensors under global expert ids (``layers.N.ffn.experts.w1`` etc.);
+  HF mapping stacks/splits dim 0. Gate and up stay two tensors, never one interleaved ``[E, 2F, D]``:
+  a fused gate+up matmul concatenates per shard (``torch.cat([w1, w3], 1)`` on the local slice), so
+  slicing F stays a slice of one axis and names map one-to-one to HF's gate_proj/up_proj.
+A module built by ``moekit.parallel.parallelize`` holds only its slice: ``n_experts`` and ``ffn_dim``
+are then the local counts.
 
 Two entry points:
 - ``Experts.routed(x_TD, dispatch, weights_TK) -> y_TD``: the whole routed half of an MoE layer,
@@ -109,7 +120,9 @@ def loop_rows(ex: Experts, x_ND: Tensor, counts_E: Tensor) -> Tensor:
             continue  # empty experts cost nothing
         outs.append(_swiglu(x_e, w1s[e], w3s[e], w2s[e], b1s[e], b3s[e], b2s[e]))
     if not outs:
-        return x_ND.new_zeros(0, ex.d_model)
+        # No rows at all (e.g. an expert-parallel rank nobody routed to): an empty product still
+        # links the weights into the graph, so every expert gets a zero gradient, not None.
+        return _swiglu(x_ND[:0], w1s[0], w3s[0], w2s[0], b1s[0], b3s[0], b2s[0])
     return torch.cat(outs)
 
 

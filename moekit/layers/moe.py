@@ -1,6 +1,11 @@
 """The MoE block every architecture configures: route -> dispatch -> experts -> combine (+ shared).
 
-Shapes: B batch, T tokens (B*T flattened), D width, E routed experts, K experts per token.
+Shapes: B batch, T tokens (B*T flattened), D width, E routed experts, K experts per token, N rows
+(kept assignments) in expert order.
+
+The dispatcher is a swappable part (``moekit.layers.dispatch``): ``LocalDispatcher`` by default,
+replaced by ``moekit.parallel.parallelize`` with the all-to-all one of expert parallelism. The
+block itself never asks which process it runs in.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.layers.dispatch import sort_by_expert
+from moekit.layers.dispatch import LocalDispatcher
 from moekit.layers.experts import Experts, _swiglu
 from moekit.layers.mlp import FeedForward
 from moekit.layers.router import Router, Routing
@@ -29,6 +34,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.router = Router(cfg, d_model, vocab_size)
         self.experts = Experts(cfg.n_routed_experts, d_model, cfg.expert_ffn_dim, bias=cfg.expert_bias)
+        self.dispatcher = LocalDispatcher()
         self.impl = impl
         if cfg.n_shared_experts:
             assert cfg.shared_ffn_dim is not None
@@ -59,9 +65,12 @@ class MoE(nn.Module):
         routing.n_seqs = shape[0] if x_BTD.dim() == 3 else 1  # for the sequence-wise balance loss
         if self._impl == "reference":
             y_TD = reference_routed(self.experts, x_TD, routing)
+        elif self.dispatcher.local and self.experts.resolved_impl(x_TD) == "fused":
+            # The local fast path: gather, experts and gate-weighted scatter in one pass, no [N, D] rows.
+            y_TD = self.dispatcher.fused(self.experts, x_TD, routing)
         else:
-            d = sort_by_expert(routing.idx_TK, self.cfg.n_routed_experts, routing.keep_TK)
-            y_TD = self.experts.routed(x_TD, d, routing.weights_TK)
+            d = self.dispatcher.dispatch(x_TD, routing)  # rows in expert order (+ all-to-all)
+            y_TD = self.dispatcher.combine(self.experts(d.x_ND, d.counts_E), d)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_gate is not None:  # Qwen2-MoE

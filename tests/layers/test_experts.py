@@ -250,3 +250,16 @@ def test_cuda_fp32_impls_match_reference(impl):
     if impl == "grouped_mm":
         pytest.skip("torch._grouped_mm on CUDA is a bf16 kernel")
     assert_matches_reference(*make_case(**CASES["expert biases"], device="cuda"), impl, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["loop", "fused"])
+def test_no_rows_gives_zero_not_missing_gradients(impl):
+    """An expert-parallel rank nobody routes to still gets (zero) gradients for its experts, so a
+    gradient all-reduce over ranks never meets a None."""
+    ex = Experts(3, 8, 4, impl=impl)
+    x_ND = torch.randn(0, 8, requires_grad=True)
+    y = ex(x_ND, torch.zeros(3, dtype=torch.long))
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    for p in ex.parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
