@@ -138,6 +138,14 @@ def _print_human(result: Plan, rows: int) -> None:
             f"best: [bold]{best.layout.text()}[/bold], {gib(best.total)} of {gib(usable)} usable per device "
             f"({len(result.fitting)} of {len(result.layouts)} layouts fit with {req.headroom:.0%} headroom)"
         )
+    first = result.fitting[0] if result.fitting else result.layouts[0]
+    t = first.per_token_per_moe_layer
+    console.print(
+        f"per token per MoE layer ({first.layout.text()}, forward): all-to-all dispatch {gib(t['dispatch'])} + "
+        f"combine {gib(t['combine'])}, ETP all-reduce {gib(t['etp_all_reduce'])}"
+        f"{'; training doubles both (backward)' if train else ''}",
+        soft_wrap=True,
+    )
     for line in result.suggestions:
         console.print(f"- {line}", soft_wrap=True)
     for line in result.assumptions:

@@ -95,6 +95,7 @@ class LayoutCost:
     comm: dict[str, int]  # all_to_all, etp_all_reduce, grad_sync: bytes one rank sends per step
     comm_per_step: int
     comm_per_token: float  # all ranks' bytes / tokens the step trains or serves
+    per_token_per_moe_layer: dict[str, float]  # dispatch, combine, etp_all_reduce: bytes, forward
     zero3: bool = False
 
     def to_dict(self) -> dict:
@@ -140,9 +141,15 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
 
     n_moe, k, d = split.n_moe_layers, (cfg.moe.top_k if cfg.moe else 0), cfg.d_model
     passes = 2 if train else 1  # backward repeats the exchange and the all-reduce
+    # One token, one MoE layer, one forward: what leaves this rank.
+    per_token = {
+        "dispatch": k * d * b * (layout.ep - 1) / layout.ep,
+        "combine": k * d * b * (layout.ep - 1) / layout.ep,
+        "etp_all_reduce": d * b * _ring(layout.etp),
+    }
     comm = {
-        "all_to_all": tokens * n_moe * 2 * k * d * b * (layout.ep - 1) / layout.ep * passes,
-        "etp_all_reduce": tokens * n_moe * d * b * _ring(layout.etp) * passes,
+        "all_to_all": tokens * n_moe * (per_token["dispatch"] + per_token["combine"]) * passes,
+        "etp_all_reduce": tokens * n_moe * per_token["etp_all_reduce"] * passes,
         "grad_sync": 0.0,
     }
     if train:
@@ -164,9 +171,14 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
         comm=comm_int,
         comm_per_step=per_step,
         comm_per_token=per_step * layout.world / (layout.dp * tokens),
+        per_token_per_moe_layer=per_token,
         zero3=req.zero3,
     )
 
 
 def rank_key(c: LayoutCost) -> tuple:
-    return (0 if c.fits else 1 if c.fits_without_headroom else 2, c.comm_per_token, c.total, c.layout.etp)
+    """Fits with headroom, then fits without it, by least communication per token; then the
+    layouts that do not fit, leanest first (the closest to fitting)."""
+    if c.fits_without_headroom:
+        return (0 if c.fits else 1, c.comm_per_token, c.total, c.layout.etp)
+    return (2, c.total, c.comm_per_token, c.layout.etp)

@@ -1,8 +1,8 @@
 """The plan: every candidate layout ranked, and what would help when none fits.
 
 Ranking rule: layouts that fit with the headroom (total ≤ (1 − headroom) × device memory) first,
-then those that fit only without it, then the rest; inside each group the least communication per
-token, then the least memory. When nothing fits, each suggestion (more devices, a lower dtype, a
+then those that fit only without it, each by the least communication per token (then the least
+memory); then the layouts that do not fit, leanest first. When nothing fits, each suggestion (more devices, a lower dtype, a
 smaller micro-batch, ZeRO-3, recomputation, offloading) is checked by planning again; pipeline
 parallelism, which moekit does not do, is sized as total ÷ usable memory.
 """
@@ -103,7 +103,7 @@ def suggestions(cfg: ModelConfig, req: PlanRequest, best: LayoutCost, split: Par
     """What would make the model fit when no layout does, each checked by planning again."""
     usable = req.device_memory * (1 - req.headroom)
     out = [
-        f"nothing fits: the best layout, {best.layout.text()}, needs {gib(best.total)} per device, {gib(usable)} usable"
+        f"nothing fits: the leanest layout, {best.layout.text()}, needs {gib(best.total)} per device, {gib(usable)} usable"
     ]
     n = _need_devices(cfg, req, split, limit=max(16 * req.devices, 4096))
     if n is not None:

@@ -27,7 +27,8 @@ def measured_peak(cfg: ModelConfig, batch: int, seq_len: int, impl: str) -> int:
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
 
     def step() -> None:
-        model(ids, labels=ids).loss.backward()
+        output = model(ids, labels=ids)  # held through backward, logits included, as the training loop does
+        output.loss.backward()
 
     with expert_threads(1):
         step()

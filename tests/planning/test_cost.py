@@ -31,6 +31,8 @@ def test_training_memory_and_traffic_by_hand():
     # dispatch + combine, forward + backward: 32 tokens × 2 layers × 2 × (2 rows × 32 values × 2 B) × 1/2 × 2
     assert c.comm["all_to_all"] == tokens * 2 * 2 * 2 * 32 * 2 * 2 // 2
     assert c.comm["etp_all_reduce"] == 0
+    # one token, one MoE layer, forward: 2 rows of 32 bf16 values, half of them leave the rank
+    assert c.per_token_per_moe_layer == {"dispatch": 64, "combine": 64, "etp_all_reduce": 0}
     # ring all-reduce: replicated over dp 4 (2·3/4), experts over their dp/ep = 2 replicas (2·1/2)
     assert c.comm["grad_sync"] == pytest.approx(repl * 2 * 1.5 + experts * 2 * 1.0, abs=1)
     assert c.comm_per_step == sum(c.comm.values())
