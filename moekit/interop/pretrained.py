@@ -33,7 +33,7 @@ from torch import Tensor
 
 from moekit.atomic import atomic_folder
 from moekit.config import ConfigError, ModelConfig
-from moekit.files import record_owned, write_bytes, write_errors, write_json, write_text
+from moekit.files import record_owned, write_bytes, write_errors, write_json
 from moekit.interop.hf_weights import (
     CheckpointError,
     UnsupportedError,
@@ -364,7 +364,7 @@ def save_pretrained(
                 write_bytes(tmp / f.name, f.read_bytes(), "file")
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None and TOKENIZER not in keep and not (tmp / TOKENIZER).exists():
-            write_text(tmp / TOKENIZER, tokenizer.to_str(), "tokenizer")
+            tokenizer.save(tmp / TOKENIZER)  # a byte-level tokenizer writes nothing
         record_owned(tmp, PRETRAINED_KIND, [p.name for p in tmp.iterdir()])
     return dst
 
