@@ -83,3 +83,11 @@ def test_atomic_folder_carries_the_users_files(tmp_path):
     assert (dst / "README.md").stat().st_ino == inode  # the same file, hard-linked, not a copy
     assert (dst / "sub" / "x").read_text() == "deep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_file_in_moekits_record_may_be_replaced(tmp_path):
+    (tmp_path / "loss.png").write_bytes(b"\x89PNG an older moekit's plot, untagged")
+    with pytest.raises(MoekitError):
+        files.check_may_replace_file(tmp_path / "loss.png", "plot")
+    files.record_owned(tmp_path, "run", ["loss.png"])
+    assert files.check_may_replace_file(tmp_path / "loss.png", "plot") == tmp_path / "loss.png"

@@ -202,6 +202,8 @@ MALFORMED = [
     (["eval", "@foreign"], 2, "not a moekit run directory"),
     (["eval", "@hf"], 2, "hf"),
     (["eval", "@run", "--checkpoint", "step_9"], 2, "step_9"),
+    (["eval", "@run", "--checkpoint", "@file"], 2, "file.txt"),
+    (["eval", "@run", "--checkpoint", "@hf"], 2, "manifest.json"),
     (["eval", "@run", "--batches", "0"], 2, "--batches"),
     (["eval", "@run", "--batches", "x"], 2, "--batches"),
     (["eval", "@run", "--device", "tpu"], 2, "tpu"),
@@ -211,6 +213,7 @@ MALFORMED = [
     (["plot", "@file"], 2, "is not a folder"),
     (["plot", "@foreign"], 2, "no metrics.jsonl"),
     (["plot", "@run", "--out", "@file"], 2, "is a file, not a folder"),
+    (["plot", "@run", "--out", "@file/sub"], 2, "is a file, not a folder"),
     (["plot", "@run", "--out", "@pngs"], 2, "loss.png exists and was not written by moekit"),
     # convert
     (["convert", "@missing", "@new"], 2, "does not exist"),
@@ -219,6 +222,7 @@ MALFORMED = [
     (["convert", "@hf", "@new", "--format", "xx"], 2, "--format"),
     (["convert", "@hf", "@new", "--dtype", "fp7"], 2, "--dtype"),
     (["convert", "@hf", "@new", "--max-shard-size", "lots"], 2, "max_shard_size"),
+    (["convert", "@hf", "@new", "--max-shard-size", "0"], 2, "max_shard_size must be positive"),
     (["convert", "@hf", "@new", "--model-type", "gpt2"], 2, "gpt2"),
     (["convert", "@hf", "@file"], 2, "is a file, not a folder"),
     (["convert", "@hf", "@file/x"], 2, "is a file, not a folder"),
@@ -231,6 +235,7 @@ MALFORMED = [
     (["convert", "@hf", "@emptydir/../foreign", "--format", "moekit"], 2, "notes.txt"),
     # compare
     (["compare", "--study", "nope", "--out", "@new"], 2, "--study"),
+    (["compare", "--study", "balancing", "--device", "tpu", "--out", "@new"], 2, "tpu"),
     (["compare", "--study", "balancing", "--steps", "0", "--out", "@new"], 2, "--steps"),
     (["compare", "--study", "balancing", "--steps", "-1", "--out", "@new"], 2, "--steps"),
     (["compare", "--study", "balancing", "--out", "@file"], 2, "is a file, not a folder"),
