@@ -374,6 +374,7 @@ def test_train_force_replaces_only_the_runs_files(world, tmp_path, capsys):
     code, _, err = run_cli(capsys, ["train", *TINY, "--data", world["text"], "--steps", "2", "--force", "--out", run])
     assert code == 0, err
     assert (run / "notes.md").read_text() == "my observations\n"
+    assert (run / "train.log").read_text().count("train: starting at step 0 of") == 1  # the old log went too
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
 
 
@@ -731,3 +732,4 @@ def test_end_to_end(world, tmp_path):
     r = moekit("train", "--resume", "--steps", "6", "--out", run)
     assert r.returncode == 0, r.stderr
     assert "train step 6/6" in r.stderr  # progress lines in a log, not a terminal
+    assert "train step 6/6" in (run / "train.log").read_text()  # and in the run's own log
