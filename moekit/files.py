@@ -191,9 +191,10 @@ def is_moekit_file(path: Path) -> bool:
 
 
 def check_may_replace_file(path: Path | str, what: str) -> Path:
-    """A single-file destination: new, or a file moekit wrote; anything else is refused."""
+    """A single-file destination: new, or a file moekit wrote (by its folder's record or its content);
+    anything else is refused."""
     path = check_file_arg(path, what)
-    if path.exists() and not is_moekit_file(path):
+    if path.exists() and path.name not in read_owned(path.parent)[1] and not is_moekit_file(path):
         raise MoekitError(f"{what} {path} exists and was not written by moekit; refusing to replace it")
     return path
 

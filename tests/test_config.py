@@ -122,3 +122,29 @@ def test_fine_grained_rejects_indivisible_width():
 def test_config_json_is_plain():
     # Config is data: JSON-serialisable with no custom encoder.
     json.dumps(small_config().to_dict())
+
+
+def test_fingerprint_holds_architecture_only():
+    from moekit.config import architecture_fingerprint, fingerprint_diff
+    from moekit.presets import get_preset
+
+    cfg = get_preset("tiny")
+    fp = architecture_fingerprint(cfg)
+    same = cfg.replace(name="renamed", max_seq_len=cfg.max_seq_len * 2)
+    same = set_by_path(same, {"moe.aux_loss_coef": 0.5, "moe.z_loss_coef": 1e-3, "moe.n_devices": 2})
+    assert architecture_fingerprint(same) == fp
+    other = set_by_path(cfg, {"moe.top_k": 2, "norm_eps": 1e-5, "moe.aux_free_rate": 0.001})
+    assert fingerprint_diff(fp, architecture_fingerprint(other)) == [
+        "moe.top_k: 4 -> 2",
+        "moe.uses_selection_bias: False -> True",
+        "norm_eps: 1e-06 -> 1e-05",
+    ]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("field", ["norm_eps", "attention.rope_theta", "moe.routed_scaling_factor", "moe.z_loss_coef"])
+def test_non_finite_numbers_are_refused_naming_the_field(field, value):
+    from moekit.presets import get_preset
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        set_by_path(get_preset("tiny"), {field: value})

@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.files import foreign_entries, listing
     from moekit.interop.pretrained import convert
+    from moekit.interop.safety import PRETRAINED_KIND
 
     dst = convert(
         args.src,
@@ -45,5 +47,6 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
     )
-    print(f"wrote {args.format} checkpoint to {dst}")
+    kept = foreign_entries(dst, PRETRAINED_KIND)
+    print(f"wrote {args.format} checkpoint to {dst}" + (f"; kept its other files: {listing(kept)}" if kept else ""))
     return 0

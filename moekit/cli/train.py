@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from moekit.config import ConfigError
 from moekit.training.config import make_run_config, parse_assignments
-from moekit.training.loop import train
+from moekit.training.loop import TRAIN_LOG, train
 from moekit.training.progress import RichProgress
 
 
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--resume without --preset/--config uses the run's own config; --set and --data cannot change it"
         )
-    progress = None if args.quiet else RichProgress("train")
+    # Progress on stderr (unless --quiet) and always in the run's train.log.
+    progress = RichProgress("train", log=Path(args.out) / TRAIN_LOG, show=not args.quiet)
     result = train(
         cfg,
         args.out,

@@ -272,15 +272,22 @@ def _assemble(cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype) -> Mo
 
 
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
+    if isinstance(size, int) and size > 0:
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size.upper().replace("IB", "iB"))
+    m = (
+        None
+        if isinstance(size, int)
+        else re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size.upper().replace("IB", "iB"))
+    )
     if m is None:
         raise ConfigError(f"max_shard_size must be bytes or like '5GB' / '500MiB', got {size!r}")
     unit = m.group(2) or "B"
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     scale.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
-    return int(float(m.group(1)) * scale[unit])
+    n = int(float(m.group(1)) * scale[unit])
+    if n <= 0:
+        raise ConfigError(f"max_shard_size must be positive, got {size!r}")
+    return n
 
 
 def _write_tensors(folder: Path, tensors: dict[str, Tensor], max_shard_size: int) -> None:

@@ -114,13 +114,15 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     hint = f"delete {path} to fall back to an earlier checkpoint"
     manifest_path = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} {'is not a folder' if path.exists() else 'does not exist'}")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
         step = int(manifest["step"])
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: it has no {MANIFEST_FILE}; {hint}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST_FILE}; {hint}") from None
     if not isinstance(files, dict) or not set(REQUIRED) <= set(files):
         raise CheckpointError(f"checkpoint {path} has a corrupt {MANIFEST_FILE}; {hint}")

@@ -42,7 +42,7 @@ from moekit.files import (
 )
 from moekit.training.ablation import specialisation_test
 from moekit.training.config import RunConfig, TrainConfig
-from moekit.training.loop import TrainCallback, train
+from moekit.training.loop import TrainCallback, resolve_device, train
 from moekit.training.metrics import read_metrics
 from moekit.training.plots import _pyplot, plot_val_curves
 
@@ -130,6 +130,7 @@ def run_study(
     runs = study_runs(study, steps, overrides)
     if (out / RESULTS_JSON).exists() and not (resume or force):
         raise StudyError(f"{out} already holds study results; pass --resume to continue or --force to start over")
+    resolve_device(device)  # a bad --device is refused before the folder is claimed
     _claim_study_dir(out, [v.name for v, _ in runs])
     start = time.perf_counter()
     rows = []

@@ -9,6 +9,8 @@ skipping would only burn compute.
 
 NOTE: ``step_is_finite`` returns a 0-dim bool tensor, not a Python bool, so a data-parallel loop
 can all-reduce it (MIN over ranks) before deciding, and every rank then skips or stops alike.
+NOTE: deciding costs one host-device sync per step on a GPU; that is the price of never applying
+a bad update (an unchecked step could write NaN into every weight at once).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class NonFiniteGuard:
         if self.skip and self.in_a_row <= MAX_CONSECUTIVE_SKIPS:
             return
         newest = f"the newest checkpoint is still {checkpoint}" if checkpoint else "no checkpoint was written"
-        numbers = f"loss {float(loss):g}, gradient norm {float(grad_norm):g}"
+        numbers = f"loss {float(loss.detach()):g}, gradient norm {float(grad_norm.detach()):g}"
         if self.skip:
             raise NonFiniteStop(
                 f"step {step}: {self.in_a_row} non-finite steps in a row ({numbers}); training has diverged and "

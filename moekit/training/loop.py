@@ -73,8 +73,18 @@ from moekit.training.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, ge
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+TRAIN_LOG = "train.log"  # progress lines of `moekit train` (moekit.training.progress)
 # Everything a run writes into its directory; --force removes exactly these (never other files).
-RUN_ARTEFACTS = (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, SUMMARY_FILE, "checkpoints", "loss.png", "expert_load.png")
+RUN_ARTEFACTS = (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TRAIN_LOG,
+    "checkpoints",
+    "loss.png",
+    "expert_load.png",
+)
 RUN_KIND = "run"  # the kind recorded in a run directory's .moekit-files.json
 
 

@@ -3,8 +3,9 @@
 Every record has ``step``, ``loss`` (the LM cross-entropy of that step's batch), ``aux_loss`` (the
 weighted balance losses added to it), ``lr``, ``tokens_per_s`` (training throughput since the
 previous record, evaluation and checkpoint time excluded), ``max_vio`` (MaxVio of that step's batch,
-mean over MoE layers; null for a dense model), ``grad_norm`` (before clipping), ``tokens`` (seen so
-far) and ``elapsed_s`` (training time so far, across resumes). Evaluation steps add ``val_loss``
+mean over MoE layers; null for a dense model), ``grad_norm`` (before clipping), ``skipped_steps``
+(steps whose update was dropped for a non-finite loss or gradient, so far; ``--skip-nonfinite``),
+``tokens`` (seen so far) and ``elapsed_s`` (training time so far, across resumes). Evaluation steps add ``val_loss``
 and ``expert_load`` (per MoE layer, the share of routed assignments each expert got on the
 validation batches).
 """

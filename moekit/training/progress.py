@@ -2,17 +2,21 @@
 
 On a terminal, a rich progress bar. Anywhere else (nohup, a batch scheduler's log, a pipe) a bar
 would print nothing until the end, so ``RichProgress`` writes a plain line instead: at the start,
-then at most every ``LINE_EVERY_S`` seconds, and at the last step.
+then at most every ``LINE_EVERY_S`` seconds, and at the last step. Given ``log``, the same lines
+are also appended to that file (``moekit train`` keeps ``train.log`` in the run directory), with
+the bar on a terminal or without any display (``show=False``).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moekit.files import write_errors
 from moekit.training.loop import TrainCallback
 
 LINE_EVERY_S = 5.0
@@ -27,20 +31,23 @@ def _clock(seconds: float) -> str:
 class RichProgress(TrainCallback):
     """One bar (or line stream) per run; loss and tokens/s are those of the latest logged step."""
 
-    def __init__(self, description: str = "train", console: Console | None = None):
+    def __init__(
+        self, description: str = "train", console: Console | None = None, log: Path | None = None, show: bool = True
+    ):
         self.description = description
         self.console = console or Console(stderr=True)
+        self.log, self.show = log, show
         self._progress: Progress | None = None
         self._task: Any = None
         self.clock = time.monotonic  # replaceable in tests
-        self._lines = False
+        self._lines = False  # plain lines on the console
 
     def on_start(self, step: int, total: int) -> None:
-        if not self.console.is_terminal:
-            self._lines = True
-            self._total, self._first, self._loss, self._tps = total, step, "-", "-"
-            self._t0 = self._last = self.clock()
-            self._print(f"{self.description}: starting at step {step} of {total}")
+        self._lines = self.show and not self.console.is_terminal
+        self._total, self._first, self._loss, self._tps = total, step, "-", "-"
+        self._t0 = self._last = self.clock()
+        self._print(f"{self.description}: starting at step {step} of {total}")
+        if not self.show or self._lines:
             return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -60,25 +67,26 @@ class RichProgress(TrainCallback):
         fields = {}
         if record is not None:
             fields = {"loss": f"{record['loss']:.3f}", "tps": f"{record['tokens_per_s']:,.0f}"}
-        if self._lines:
-            self._loss, self._tps = fields.get("loss", self._loss), fields.get("tps", self._tps)
-            now = self.clock()
-            if now - self._last >= LINE_EVERY_S or step >= self._total:
-                self._last = now
-                elapsed = now - self._t0
-                done = step - self._first
-                eta = _clock(elapsed / done * (self._total - step)) if done > 0 else "?"
-                self._print(
-                    f"{self.description} step {step}/{self._total} ({step / self._total:.0%}) loss {self._loss} "
-                    f"{self._tps} tok/s elapsed {_clock(elapsed)} ETA {eta}"
-                )
-            return
-        if self._progress is None:
-            return
-        self._progress.update(self._task, completed=step, **fields)
+        self._loss, self._tps = fields.get("loss", self._loss), fields.get("tps", self._tps)
+        now = self.clock()
+        if (self._lines or self.log) and (now - self._last >= LINE_EVERY_S or step >= self._total):
+            self._last = now
+            elapsed = now - self._t0
+            done = step - self._first
+            eta = _clock(elapsed / done * (self._total - step)) if done > 0 else "?"
+            self._print(
+                f"{self.description} step {step}/{self._total} ({step / self._total:.0%}) loss {self._loss} "
+                f"{self._tps} tok/s elapsed {_clock(elapsed)} ETA {eta}"
+            )
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, **fields)
 
     def _print(self, line: str) -> None:
-        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+        if self._lines:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+        if self.log is not None:
+            with write_errors(self.log, "progress log"), open(self.log, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def on_end(self) -> None:
         if self._progress is not None:

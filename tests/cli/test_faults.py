@@ -202,6 +202,8 @@ MALFORMED = [
     (["eval", "@foreign"], 2, "not a moekit run directory"),
     (["eval", "@hf"], 2, "hf"),
     (["eval", "@run", "--checkpoint", "step_9"], 2, "step_9"),
+    (["eval", "@run", "--checkpoint", "@file"], 2, "file.txt"),
+    (["eval", "@run", "--checkpoint", "@hf"], 2, "manifest.json"),
     (["eval", "@run", "--batches", "0"], 2, "--batches"),
     (["eval", "@run", "--batches", "x"], 2, "--batches"),
     (["eval", "@run", "--device", "tpu"], 2, "tpu"),
@@ -211,6 +213,7 @@ MALFORMED = [
     (["plot", "@file"], 2, "is not a folder"),
     (["plot", "@foreign"], 2, "no metrics.jsonl"),
     (["plot", "@run", "--out", "@file"], 2, "is a file, not a folder"),
+    (["plot", "@run", "--out", "@file/sub"], 2, "is a file, not a folder"),
     (["plot", "@run", "--out", "@pngs"], 2, "loss.png exists and was not written by moekit"),
     # convert
     (["convert", "@missing", "@new"], 2, "does not exist"),
@@ -219,6 +222,7 @@ MALFORMED = [
     (["convert", "@hf", "@new", "--format", "xx"], 2, "--format"),
     (["convert", "@hf", "@new", "--dtype", "fp7"], 2, "--dtype"),
     (["convert", "@hf", "@new", "--max-shard-size", "lots"], 2, "max_shard_size"),
+    (["convert", "@hf", "@new", "--max-shard-size", "0"], 2, "max_shard_size must be positive"),
     (["convert", "@hf", "@new", "--model-type", "gpt2"], 2, "gpt2"),
     (["convert", "@hf", "@file"], 2, "is a file, not a folder"),
     (["convert", "@hf", "@file/x"], 2, "is a file, not a folder"),
@@ -231,6 +235,7 @@ MALFORMED = [
     (["convert", "@hf", "@emptydir/../foreign", "--format", "moekit"], 2, "notes.txt"),
     # compare
     (["compare", "--study", "nope", "--out", "@new"], 2, "--study"),
+    (["compare", "--study", "balancing", "--device", "tpu", "--out", "@new"], 2, "tpu"),
     (["compare", "--study", "balancing", "--steps", "0", "--out", "@new"], 2, "--steps"),
     (["compare", "--study", "balancing", "--steps", "-1", "--out", "@new"], 2, "--steps"),
     (["compare", "--study", "balancing", "--out", "@file"], 2, "is a file, not a folder"),
@@ -339,15 +344,13 @@ def test_convert_in_place_keeps_the_users_files(world, tmp_path, capsys):
     assert snapshot(d) == before
     code, out, err = run_cli(capsys, ["convert", d, d, "--dtype", "bfloat16", "--overwrite"])
     assert code == 0 and not err, err
+    assert "kept its other files: LICENSE, README.md, merges.txt, vocab.json" in out
     after = snapshot(d)
     for name in USER_FILES:
         assert after[name] == before[name]  # kept byte for byte
     assert load_file(d / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
-    assert (
-        json.loads(after[files.OWNED_FILE])["files"]
-        == sorted([files.OWNED_FILE, "config.json", "model.safetensors", "tokenizer.json"])
-        or "README.md" not in json.loads(after[files.OWNED_FILE])["files"]
-    )
+    owned = json.loads(after[files.OWNED_FILE])["files"]
+    assert "model.safetensors" in owned and not set(USER_FILES) & set(owned)
     # Written by moekit now: a second conversion replaces its own files without --overwrite,
     # and still keeps the user's.
     code, _, err = run_cli(capsys, ["convert", d, d, "--dtype", "float32"])
@@ -371,6 +374,7 @@ def test_train_force_replaces_only_the_runs_files(world, tmp_path, capsys):
     code, _, err = run_cli(capsys, ["train", *TINY, "--data", world["text"], "--steps", "2", "--force", "--out", run])
     assert code == 0, err
     assert (run / "notes.md").read_text() == "my observations\n"
+    assert (run / "train.log").read_text().count("train: starting at step 0 of") == 1  # the old log went too
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
 
 
@@ -728,3 +732,4 @@ def test_end_to_end(world, tmp_path):
     r = moekit("train", "--resume", "--steps", "6", "--out", run)
     assert r.returncode == 0, r.stderr
     assert "train step 6/6" in r.stderr  # progress lines in a log, not a terminal
+    assert "train step 6/6" in (run / "train.log").read_text()  # and in the run's own log
