@@ -92,6 +92,7 @@ class Component:
     active_count: int | None = None
     active: int | None = None
     in_total: bool = True
+    matmul: int | None = None  # overrides the matmul weights a token meets (with ``active``)
 
     @property
     def per_copy(self) -> int:
@@ -111,6 +112,8 @@ class Component:
     @property
     def matmul_active(self) -> int:
         """Matmul weights one token meets in this component."""
+        if self.matmul is not None:
+            return self.matmul
         n = self.count if self.active_count is None else self.active_count
         return n * sum(t.value for t in self.terms if t.matmul) + sum(t.value for t in self.once if t.matmul)
 

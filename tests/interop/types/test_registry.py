@@ -14,7 +14,11 @@ REGISTERED = {
     "deepseek",
     "deepseek_v2",
     "deepseek_v3",
+    "dots1",
+    "glm4_moe",
     "gpt_oss",
+    "granitemoe",
+    "kimi_k2",
     "llama",
     "llama4",
     "llama4_text",
@@ -27,7 +31,8 @@ REGISTERED = {
     "qwen3",
     "qwen3_moe",
 }
-LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+WRITABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+LOADABLE = WRITABLE | {"kimi_k2"}  # Kimi-K2 checkpoints have DeepSeek-V3's tensor names
 
 
 def test_every_registered_type_is_listed():
@@ -37,7 +42,7 @@ def test_every_registered_type_is_listed():
 
 def test_loadable_and_writable_types():
     assert set(loadable_types()) == LOADABLE == set(LAYOUTS)
-    assert set(writable_types()) == LOADABLE == set(BUILDERS) == set(ARCHITECTURES)
+    assert set(writable_types()) == WRITABLE == set(BUILDERS) == set(ARCHITECTURES)
     assert ARCHITECTURES["deepseek_v3"] == "DeepseekV3ForCausalLM"
 
 
