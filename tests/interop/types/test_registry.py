@@ -13,15 +13,18 @@ from moekit.interop.types import TYPES, ModelType, get_type, loadable_types, typ
 REGISTERED = {
     "deepseek",
     "deepseek_v2",
+    "dbrx",
     "deepseek_v3",
     "dots1",
     "glm4_moe",
     "gpt_oss",
     "granitemoe",
+    "jamba",
     "kimi_k2",
     "llama",
     "llama4",
     "llama4_text",
+    "minimax_m2",
     "mistral",
     "mixtral",
     "olmoe",
@@ -30,6 +33,7 @@ REGISTERED = {
     "qwen2_moe",
     "qwen3",
     "qwen3_moe",
+    "qwen3_next",
 }
 WRITABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
 LOADABLE = WRITABLE | {"kimi_k2"}  # Kimi-K2 checkpoints have DeepSeek-V3's tensor names
