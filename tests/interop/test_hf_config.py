@@ -129,7 +129,7 @@ def test_small_config_total_equals_transformers(model_type):
 
 # Native readers exercised elsewhere: against transformers in tests/interop/test_every_moe_type.py
 # (small random configs), against published configs in tests/interop/types/test_published.py.
-NATIVE_ELSEWHERE = {"dots1", "glm4_moe", "granitemoe", "kimi_k2", "minimax_m2"}
+NATIVE_ELSEWHERE = {"dots1", "glm4_moe", "granitemoe", "hunyuan_v1_moe", "kimi_k2", "minimax_m2"}
 
 
 def test_every_supported_type_is_exercised():
@@ -355,7 +355,10 @@ def _write(path: Path, text: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("model_type", sorted(set(SUPPORTED_MODEL_TYPES) - {"deepseek", "llama4", "kimi_k2"}))
+# kimi_k2 is not in transformers; transformers 5.24 cannot build its own default hunyuan_v1_moe config.
+@pytest.mark.parametrize(
+    "model_type", sorted(set(SUPPORTED_MODEL_TYPES) - {"deepseek", "llama4", "kimi_k2", "hunyuan_v1_moe"})
+)
 def test_configs_written_by_transformers5(model_type):
     """transformers 5 writes ``rope_parameters`` instead of rope_theta / rope_scaling and renames
     some keys (qwen3_moe's num_local_experts); its own defaults, saved and parsed, still count

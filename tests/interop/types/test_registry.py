@@ -11,6 +11,7 @@ from moekit.interop.types import TYPES, ModelType, get_type, loadable_types, typ
 
 # Every registered type. Adding a type means adding it here too (and its file).
 REGISTERED = {
+    "arctic",
     "deepseek",
     "deepseek_v2",
     "dbrx",
@@ -19,6 +20,9 @@ REGISTERED = {
     "glm4_moe",
     "gpt_oss",
     "granitemoe",
+    "grok-1",
+    "hunyuan",
+    "hunyuan_v1_moe",
     "jamba",
     "kimi_k2",
     "llama",
@@ -56,6 +60,7 @@ def test_lookup_by_model_type_and_architectures():
     assert type_of({"model_type": "olmoe"}) is TYPES["olmoe"]
     assert type_of({"model_type": "bert"}) is None
     assert type_of({"architectures": ["NoSuchForCausalLM"]}) is None
+    assert type_of({"architectures": ["Grok1ModelForCausalLM"]}) is TYPES["grok-1"]  # Grok-1 has no model_type
 
 
 def test_a_record_needs_a_reader_and_a_writer_needs_an_architecture():
