@@ -28,6 +28,7 @@ REGISTERED = {
     "llama",
     "llama4",
     "llama4_text",
+    "longcat_flash",
     "minimax_m2",
     "mistral",
     "mixtral",
