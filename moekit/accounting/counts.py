@@ -65,6 +65,11 @@ VENDOR_ACTIVE_CONVENTION: dict[str, ActiveConvention] = {
     "rednote": "all",
     "snowflake": "all",
     "tencent": "all",
+    # Ling-lite "2.75B": 2.753B; XVERSE-MoE-A4.2B "4.2B": 4.23B -- with both embedding matrices.
+    "inclusionai": "all",
+    "xverse": "all",
+    # Skywork-MoE "22B": 22.39B without the input embedding (22.69B with it).
+    "skywork": "no_input_embedding",
 }
 
 

@@ -36,6 +36,10 @@ PUBLISHED = [
     ("dots.llm1.base", "142B", "14B", "rednote", "dots.llm1 report: 142B total, 14B activated"),
     ("snowflake-arctic-base", "480B", "17B", "snowflake", "Arctic model card: 480B total, 17B active"),
     ("hunyuan-large", "389B", "52B", "tencent", "Hunyuan-Large report Table 1: 389B total, 52B activated"),
+    # Remote-code types, configs reconstructed from the model cards:
+    ("ling-lite", "16.8B", "2.75B", "inclusionai", "Ling-lite model card: 16.8B total, 2.75B activated"),
+    ("xverse-moe-a4.2b", "25.8B", "4.2B", "xverse", "XVERSE-MoE-A4.2B model card: 25.8B total, 4.2B activated"),
+    ("skywork-moe-base", "146B", "22B", "skywork", "Skywork-MoE report: 146B total, 22B activated"),
 ]
 _SCALE = {"T": 1e12, "B": 1e9, "M": 1e6}
 
@@ -113,6 +117,16 @@ def test_quantised_configs_report_stored_bytes():
     assert report.stored_bytes == q + 4 * (q // 16384) + 2 * bf16
     assert 1.02e12 < report.stored_bytes < 1.04e12  # the published checkpoint: about 1.03 TB
     assert report.params.total == account(counted("kimi-k2-instruct")).params.total  # scales never counted
+
+
+def test_skywork_top2_is_hard_coded():
+    """Skywork-MoE's config has no top-k key (its code routes to 2 experts); a port that adds
+    one is read."""
+    d = json.loads((HF_CONFIGS / "skywork-moe-base.json").read_text())
+    b = count_hf(d).params.breakdown
+    assert b["routed_experts_active"] * 8 == b["routed_experts"]  # 2 of 16
+    b = count_hf(dict(d, num_experts_per_tok=4)).params.breakdown
+    assert b["routed_experts_active"] * 4 == b["routed_experts"]
 
 
 def test_grok1_is_recognised_by_its_architectures():

@@ -12,6 +12,7 @@ from moekit.interop.types import TYPES, ModelType, get_type, loadable_types, typ
 # Every registered type. Adding a type means adding it here too (and its file).
 REGISTERED = {
     "arctic",
+    "bailing_moe",
     "deepseek",
     "deepseek_v2",
     "dbrx",
@@ -46,6 +47,9 @@ REGISTERED = {
     "qwen3",
     "qwen3_moe",
     "qwen3_next",
+    "skywork",
+    "skywork_moe",
+    "xverse",
 }
 WRITABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
 LOADABLE = WRITABLE | {"kimi_k2"}  # Kimi-K2 checkpoints have DeepSeek-V3's tensor names
