@@ -11,28 +11,15 @@ Sources: transformers' ``modeling_deepseek_v32.py`` and ``modeling_glm_moe_dsa.p
 
 from __future__ import annotations
 
-import dataclasses
-
 from moekit.accounting import Component, Counted, Term, count_extended
-from moekit.config import ConfigError, MoEConfig
 from moekit.interop.types._base import ModelType
-from moekit.interop.types._reader import Reader, placement
+from moekit.interop.types._reader import Reader
 from moekit.interop.types.deepseek import mtp_extras
-from moekit.interop.types.deepseek_v2 import read_mla
+from moekit.interop.types.deepseek_v2 import read_mla_v3
 
 
 def account(r: Reader) -> Counted:
-    cfg = read_mla(r, v3=True)
-    types = r.get("mlp_layer_types", None)
-    if types is not None:
-        if not isinstance(types, list) or len(types) != cfg.n_layers:
-            raise ConfigError(
-                f"{r.where}: 'mlp_layer_types' must list 'dense' or 'sparse' for each of the {cfg.n_layers} layers"
-            )
-        ids = [i for i, t in enumerate(types) if t == "sparse"]
-        moe = dataclasses.asdict(cfg.moe) | {"first_k_dense": 0, "moe_every": 1, "moe_layers": None}
-        moe.update(placement(cfg.n_layers, ids))
-        cfg = dataclasses.replace(cfg, moe=MoEConfig(**moe))
+    cfg = read_mla_v3(r)
     d, a = cfg.d_model, cfg.attention
     h, hd = r.int("index_n_heads"), r.int("index_head_dim")
     q_in = a.q_lora_rank if a.q_lora_rank is not None else d
