@@ -129,7 +129,16 @@ def test_small_config_total_equals_transformers(model_type):
 
 # Native readers exercised elsewhere: against transformers in tests/interop/test_every_moe_type.py
 # (small random configs), against published configs in tests/interop/types/test_published.py.
-NATIVE_ELSEWHERE = {"dots1", "glm4_moe", "granitemoe", "hunyuan_v1_moe", "hy_v3", "kimi_k2", "minimax_m2"}
+NATIVE_ELSEWHERE = {
+    "dots1",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "granitemoe",
+    "hunyuan_v1_moe",
+    "hy_v3",
+    "kimi_k2",
+    "minimax_m2",
+}
 
 
 def test_every_supported_type_is_exercised():

@@ -21,6 +21,7 @@ REGISTERED = {
     "dots1",
     "ernie4_5_moe",
     "glm4_moe",
+    "glm4_moe_lite",
     "glm_moe_dsa",
     "gpt_oss",
     "granitemoe",
