@@ -134,10 +134,11 @@ def count_with_transformers(d: dict[str, Any], where: str = "Hugging Face config
     matmul: float = 0.0
 
     def add(component: str, p: torch.Tensor, share: float = 1.0, is_matmul: bool | None = None) -> None:
+        """Count ``p`` (the loop's current parameter ``name``); biases and vectors are not matmuls."""
         nonlocal matmul
         total[component] += p.numel()
         active[component] += p.numel() * share
-        if is_matmul if is_matmul is not None else p.dim() >= 2:
+        if is_matmul if is_matmul is not None else (p.dim() >= 2 and not name.endswith("bias")):
             matmul += p.numel() * share
 
     def stacked(m: torch.nn.Module) -> bool:  # owns [E, ...] expert tensors itself (JetMoE)
