@@ -29,7 +29,7 @@ from moekit.accounting.flops import (
     kv_cache_values_per_token,
     weights_bytes,
 )
-from moekit.accounting.params import count_extended, count_params, model_components
+from moekit.accounting.params import count_extended, count_params, model_components, mtp_component
 from moekit.accounting.report import Report, account
 
 __all__ = [
@@ -52,5 +52,6 @@ __all__ = [
     "kv_cache_bytes_per_token",
     "kv_cache_values_per_token",
     "model_components",
+    "mtp_component",
     "weights_bytes",
 ]

@@ -49,6 +49,27 @@ VENDOR_ACTIVE_CONVENTION: dict[str, ActiveConvention] = {
     "microsoft": "all",
     # Llama 4 Scout and Maverick "17B active": 17.17B / 17.18B with both, 16.14B / 16.15B without.
     "meta": "all",
+    # Kimi-K2 "32B activated": 31.69B without the input embedding (32.86B with it), as DeepSeek-V3.
+    "moonshot": "no_input_embedding",
+    # GLM-4.5 "32B" / GLM-4.5-Air "12B": 32.08B / 12.18B without both embedding matrices (32.86B /
+    # 12.80B with the head).
+    "zai": "non_embedding",
+    # Granite-3.0-3B-A800M "800M": 0.81B without the (tied) embedding, 0.88B with it.
+    "ibm": "non_embedding",
+    # MiniMax-M2 "10B": 9.80B non-embedding (10.42B with the head, 11.03B with both).
+    "minimax": "non_embedding",
+    # DBRX "36B": 36.47B; Jamba "12B": 12.11B; dots.llm1 "14B": 14.02B; Arctic "17B": 17.32B;
+    # Hunyuan-Large "52B": 51.32B (tied embeddings) -- all with both embedding matrices.
+    "databricks": "all",
+    "ai21": "all",
+    "rednote": "all",
+    "snowflake": "all",
+    "tencent": "all",
+    # Ling-lite "2.75B": 2.753B; XVERSE-MoE-A4.2B "4.2B": 4.23B -- with both embedding matrices.
+    "inclusionai": "all",
+    "xverse": "all",
+    # Skywork-MoE "22B": 22.39B without the input embedding (22.69B with it).
+    "skywork": "no_input_embedding",
 }
 
 
@@ -92,6 +113,7 @@ class Component:
     active_count: int | None = None
     active: int | None = None
     in_total: bool = True
+    matmul: int | None = None  # overrides the matmul weights a token meets (with ``active``)
 
     @property
     def per_copy(self) -> int:
@@ -111,6 +133,8 @@ class Component:
     @property
     def matmul_active(self) -> int:
         """Matmul weights one token meets in this component."""
+        if self.matmul is not None:
+            return self.matmul
         n = self.count if self.active_count is None else self.active_count
         return n * sum(t.value for t in self.terms if t.matmul) + sum(t.value for t in self.once if t.matmul)
 

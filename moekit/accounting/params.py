@@ -169,6 +169,41 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     return ParamCount.build(model_components(cfg), tied_embeddings=cfg.tie_embeddings, tied_head_matmul=tied)
 
 
+def mtp_component(cfg: ModelConfig, n_modules: int, *, in_total: bool = False) -> Component:
+    """``n_modules`` multi-token-prediction modules (DeepSeek-V3 §2.2, GLM-4.5, MiniMax): each an
+    ``eh_proj`` (2d → d), three RMSNorms (embedding, hidden, output) and one MoE decoder layer of
+    ``cfg``; the embedding and output head are the main model's (shared), not counted again."""
+    d, moe = cfg.d_model, cfg.moe
+    assert moe is not None and moe.shared_ffn_dim is not None
+    att, att_norms = attention_terms(cfg.attention, d)
+    expert = sum(t.value for t in expert_terms(d, moe))
+    shared = 3 * d * moe.n_shared_experts * moe.shared_ffn_dim + (d if moe.shared_expert_gate else 0)
+    router = sum(t.value for t in router_terms(moe, d))
+    terms = (
+        Term("eh_proj", (2, d, d)),
+        Term("enorm,hnorm,head_norm", (3, d), matmul=False),
+        Term("attention", (sum(t.value for t in att),)),
+        Term("layer norms", (2 * d + sum(t.value for t in att_norms),), matmul=False),
+        Term("router", (router,)),
+        Term("shared_experts", (shared,)),
+        Term("routed_experts", (moe.n_routed_experts, expert)),
+    )
+    per = sum(t.value for t in terms)
+    idle = (moe.n_routed_experts - moe.top_k) * expert
+    matmul = (
+        2 * d * d + sum(t.value for t in att if t.matmul) + router + shared + moe.top_k * 3 * d * moe.expert_ffn_dim
+    )
+    return Component(
+        "mtp",
+        n_modules,
+        f"{n_modules} MTP modules",
+        terms,
+        active=n_modules * (per - idle),
+        matmul=n_modules * matmul,
+        in_total=in_total,
+    )
+
+
 def count_extended(
     cfg: ModelConfig,
     extra: list[Component] = (),

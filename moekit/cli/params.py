@@ -95,13 +95,18 @@ def _print_human(report: Report, data: dict, dtype: str, max_seq_len: int) -> No
     for c in p.components:
         total, active = p.breakdown[c.name], p.active_breakdown[c.name]
         note = " (tied: in embedding)" if c.name == "lm_head" and p.tied_embeddings else ""
-        note += " (not in the total; --mtp adds it)" if not c.in_total else ""
+        note += " *" if not c.in_total else ""
         share = f"{100 * total / p.total:.1f}" if p.total else "-"
         table.add_row(c.name + note, f"{total:,}", f"{active:,}", share)
     table.add_section()
     uniform = " [dim](uniform routing)[/dim]" if p.active_range else ""
     table.add_row("[bold]all[/bold]", f"[bold]{p.total:,}[/bold]", f"[bold]{p.active:,}[/bold]{uniform}", "100.0")
     console.print(table)
+    if "mtp" in p.outside_total:
+        console.print(
+            "* not in the total: multi-token-prediction modules, left out as published (--mtp adds them)",
+            soft_wrap=True,
+        )
     if p.active_range is not None:
         lo, hi = p.active_range
         console.print(

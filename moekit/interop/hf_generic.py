@@ -79,7 +79,9 @@ def build_meta_model(d: dict[str, Any], where: str) -> tuple[Any, Any]:
             verbosity = transformers.logging.get_verbosity()
             transformers.logging.set_verbosity_error()
             try:
-                cfg = CONFIG_MAPPING[mt].from_dict(d)
+                cls = CONFIG_MAPPING[mt]
+                decode = getattr(cls, "_decode_special_floats", None)  # {"__float__": "Infinity"}
+                cfg = cls.from_dict(decode(d) if decode is not None else d)
                 with torch.device("meta"):
                     model = transformers.AutoModelForCausalLM.from_config(cfg)
             finally:
@@ -132,10 +134,11 @@ def count_with_transformers(d: dict[str, Any], where: str = "Hugging Face config
     matmul: float = 0.0
 
     def add(component: str, p: torch.Tensor, share: float = 1.0, is_matmul: bool | None = None) -> None:
+        """Count ``p`` (the loop's current parameter ``name``); biases and vectors are not matmuls."""
         nonlocal matmul
         total[component] += p.numel()
         active[component] += p.numel() * share
-        if is_matmul if is_matmul is not None else p.dim() >= 2:
+        if is_matmul if is_matmul is not None else (p.dim() >= 2 and not name.endswith("bias")):
             matmul += p.numel() * share
 
     def stacked(m: torch.nn.Module) -> bool:  # owns [E, ...] expert tensors itself (JetMoE)
@@ -196,7 +199,7 @@ def count_with_transformers(d: dict[str, Any], where: str = "Hugging Face config
                 child = name[lm.end() :].split(".")[0]
                 child_mod = modules.get(name[: lm.end()] + child)
                 component = _child_component(child, type(child_mod).__name__ if child_mod is not None else "")
-                if block is not None and component == "dense_ffn":
+                if block is not None and len(block) >= lm.end() + len(child) and component == "dense_ffn":
                     component = "moe_other"  # the MoE block's own bias or scale
                 add(component, p)
 

@@ -82,3 +82,36 @@ def test_bad_seq_len_is_a_usage_error(capsys):
     assert main(["params", "tiny", "--seq-len", "0"]) == 2
     err = capsys.readouterr().err
     assert "--seq-len" in err and len(err.strip().splitlines()) == 1
+
+
+PUBLISHED = Path(__file__).parents[1] / "data" / "published_configs"
+
+
+def test_mtp_is_reported_apart_and_added_on_request(capsys):
+    _, out, _ = run(capsys, str(PUBLISHED / "glm-4.5.json"), "--json")
+    d = json.loads(out)
+    assert d["outside_total"] == ["mtp"] and d["breakdown"]["mtp"] > 0
+    _, out, _ = run(capsys, str(PUBLISHED / "glm-4.5.json"), "--json", "--mtp")
+    assert json.loads(out)["total"] == d["total"] + d["breakdown"]["mtp"]
+    _, out, _ = run(capsys, str(PUBLISHED / "glm-4.5.json"))
+    assert "mtp *" in out and "* not in the total: multi-token-prediction modules" in out
+
+
+def test_hybrid_rows_and_quantised_bytes_in_the_table(capsys):
+    code, out, _ = run(capsys, str(PUBLISHED / "qwen3-next-80b-a3b.json"))
+    assert code == 0 and "linear_attention" in out and "12 layers ×" not in out.split("formula")[0]
+    _, out, _ = run(capsys, str(PUBLISHED / "kimi-k2-instruct.json"))
+    assert "stored checkpoint (fp8 e4m3 blocks 128x128, scales included)" in out
+
+
+def test_generic_path_says_what_it_does_not_know(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    import transformers
+
+    transformers.AutoConfig.for_model("cohere2_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=32, vocab_size=100).save_pretrained(tmp_path)  # fmt: skip
+    code, out, _ = run(capsys, str(tmp_path))
+    assert code == 0 and "KV cache / token (bf16)" in out and "n/a (attention layers not known)" in out
+    assert "counted from transformers' Cohere2MoeForCausalLM on the meta device" in out
+    d = json.loads(run(capsys, str(tmp_path), "--json")[1])
+    assert d["kv_cache_bytes_per_token"] is None and d["flops"]["attention_per_token"] is None

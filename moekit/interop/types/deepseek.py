@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moekit.accounting import Component, mtp_component
 from moekit.config import ConfigError, ModelConfig
 from moekit.interop.types._base import ModelType
 from moekit.interop.types._reader import Reader, common, make, mlp_bias_unsupported
@@ -39,6 +40,12 @@ def deepseek_moe_fields(r: Reader, default_score: str = "softmax") -> dict[str, 
         norm_topk_prob=r.bool("norm_topk_prob", False),
         routed_scaling_factor=r.float("routed_scaling_factor", 1.0),
     )
+
+
+def mtp_extras(r: Reader, cfg: ModelConfig) -> list[Component]:
+    """The multi-token-prediction modules of ``num_nextn_predict_layers`` (out of the total)."""
+    n = r.int("num_nextn_predict_layers", 0)
+    return [mtp_component(cfg, n)] if n > 0 and cfg.moe is not None else []
 
 
 def read(r: Reader) -> ModelConfig:

@@ -6,9 +6,11 @@ paper §2.1.2 and the group-limited routing variants.
 
 from __future__ import annotations
 
-from moekit.config import ConfigError, ModelConfig
+import dataclasses
+
+from moekit.config import ConfigError, ModelConfig, MoEConfig
 from moekit.interop.types._base import ModelType
-from moekit.interop.types._reader import Reader, common, make, mlp_bias_unsupported
+from moekit.interop.types._reader import Reader, common, make, mlp_bias_unsupported, placement
 from moekit.interop.types.deepseek import deepseek_moe_fields, deepseek_moe_ids
 
 
@@ -48,6 +50,28 @@ def read_mla(r: Reader, v3: bool = False) -> ModelConfig:
     moe["selection_bias"] = method == "noaux_tc"
     ids = deepseek_moe_ids(r, base["n_layers"])
     return make(r, base, dense_ffn_dim=r.int("intermediate_size"), moe=moe, moe_ids=ids)
+
+
+def read_mla_v3(r: Reader) -> ModelConfig:
+    """A DeepSeek-V3-style config whose MoE layers may be listed by ``mlp_layer_types``
+    ("dense" / "sparse" per layer; transformers 5 writes it for V3.2, GLM-5, GLM-4.7-Flash)."""
+    cfg = read_mla(r, v3=True)
+    types = r.get("mlp_layer_types", None)
+    if types is None:
+        return cfg
+    if not isinstance(types, list) or len(types) != cfg.n_layers:
+        raise ConfigError(
+            f"{r.where}: 'mlp_layer_types' must list 'dense' or 'sparse' for each of the {cfg.n_layers} layers"
+        )
+    ids = [i for i, t in enumerate(types) if t == "sparse"]
+    if not ids:
+        return dataclasses.replace(cfg, moe=None)
+    moe = (
+        dataclasses.asdict(cfg.moe)
+        | {"first_k_dense": 0, "moe_every": 1, "moe_layers": None}
+        | placement(cfg.n_layers, ids)
+    )
+    return dataclasses.replace(cfg, moe=MoEConfig(**moe))
 
 
 DEEPSEEK_V2 = ModelType("deepseek_v2", read=read_mla)

@@ -11,6 +11,7 @@ from moekit.interop.types._base import GATE_UP_DOWN, HFLayout, ModelType, refuse
 from moekit.interop.types._reader import Reader
 from moekit.interop.types._writer import common as write_common
 from moekit.interop.types._writer import require
+from moekit.interop.types.deepseek import mtp_extras
 from moekit.interop.types.deepseek_v2 import read_mla
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -77,4 +78,5 @@ DEEPSEEK_V3 = ModelType(
     layout=HFLayout("mlp", GATE_UP_DOWN, shared="shared_experts", selection_bias=True),
     refuse=refuse,
     claims=lambda cfg: cfg.attention.kind == "mla",
+    extras=mtp_extras,
 )

@@ -11,23 +11,49 @@ from moekit.interop.types import TYPES, ModelType, get_type, loadable_types, typ
 
 # Every registered type. Adding a type means adding it here too (and its file).
 REGISTERED = {
+    "arctic",
+    "bailing_moe",
     "deepseek",
     "deepseek_v2",
+    "dbrx",
     "deepseek_v3",
+    "deepseek_v32",
+    "dots1",
+    "ernie4_5_moe",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "glm_moe_dsa",
     "gpt_oss",
+    "granitemoe",
+    "grok-1",
+    "hunyuan",
+    "hunyuan_v1_moe",
+    "hy_v3",
+    "jamba",
+    "jetmoe",
+    "kimi_k2",
     "llama",
     "llama4",
     "llama4_text",
+    "longcat_flash",
+    "minimax",
+    "minimax_m2",
     "mistral",
     "mixtral",
+    "nemotron_h",
     "olmoe",
     "phimoe",
     "qwen2",
     "qwen2_moe",
     "qwen3",
     "qwen3_moe",
+    "qwen3_next",
+    "skywork",
+    "skywork_moe",
+    "xverse",
 }
-LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+WRITABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+LOADABLE = WRITABLE | {"kimi_k2"}  # Kimi-K2 checkpoints have DeepSeek-V3's tensor names
 
 
 def test_every_registered_type_is_listed():
@@ -37,7 +63,7 @@ def test_every_registered_type_is_listed():
 
 def test_loadable_and_writable_types():
     assert set(loadable_types()) == LOADABLE == set(LAYOUTS)
-    assert set(writable_types()) == LOADABLE == set(BUILDERS) == set(ARCHITECTURES)
+    assert set(writable_types()) == WRITABLE == set(BUILDERS) == set(ARCHITECTURES)
     assert ARCHITECTURES["deepseek_v3"] == "DeepseekV3ForCausalLM"
 
 
@@ -47,6 +73,7 @@ def test_lookup_by_model_type_and_architectures():
     assert type_of({"model_type": "olmoe"}) is TYPES["olmoe"]
     assert type_of({"model_type": "bert"}) is None
     assert type_of({"architectures": ["NoSuchForCausalLM"]}) is None
+    assert type_of({"architectures": ["Grok1ModelForCausalLM"]}) is TYPES["grok-1"]  # Grok-1 has no model_type
 
 
 def test_a_record_needs_a_reader_and_a_writer_needs_an_architecture():
@@ -82,3 +109,29 @@ GQA = dict(n_heads=4, n_kv_heads=2)
 def test_infer_model_type_from_each_types_claims(attention, moe, expected):
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, dense_ffn_dim=32, attention=attention, moe=moe)
     assert infer_model_type(cfg) == expected
+
+
+def test_kimi_k2_checkpoints_load_as_deepseek_v3(tmp_path):
+    """Kimi-K2 keeps DeepSeek-V3's tensor names under its own model_type."""
+    import json
+
+    import torch
+
+    from moekit.interop.pretrained import from_pretrained
+    from moekit.models.transformer import MoETransformer
+
+    cfg = ModelConfig(
+        vocab_size=40, d_model=16, n_layers=2, dense_ffn_dim=24,
+        attention=AttentionConfig(n_heads=2, kind="mla", q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
+                                  qk_rope_head_dim=4, v_head_dim=4, rope_interleave=True),
+        moe=MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, score_func="sigmoid",
+                      n_group=2, topk_group=1, selection_bias=True, first_k_dense=1),
+    )  # fmt: skip
+    model = MoETransformer(cfg).eval()
+    model.save_pretrained(tmp_path, model_type="deepseek_v3")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="kimi_k2")))
+    loaded = from_pretrained(tmp_path)
+    ids = torch.arange(10).view(1, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
