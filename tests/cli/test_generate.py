@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,7 @@ import torch
 import moekit
 from moekit.cli import main
 from moekit.tokenizer import render_chat
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
-from test_run_folder import write_run  # noqa: E402
+from tests.interop.test_run_folder import write_run
 
 
 @pytest.fixture(autouse=True)
