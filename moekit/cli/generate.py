@@ -67,21 +67,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 class _Timing:
-    """Streams text (unless quiet) and records when the first and the last token came."""
+    """Streams text (unless quiet) and records when each token came."""
 
     def __init__(self, text_streamer: Any | None):
         self.inner = text_streamer
-        self.first: float | None = None
-        self.last: float | None = None
-        self.n = 0
+        self.times: list[float] = []
 
     def put(self, tokens_B: Any) -> None:
-        now = time.perf_counter()
-        self.first = self.first or now
-        self.last = now
-        self.n += 1
+        self.times.append(time.perf_counter())
         if self.inner is not None:
             self.inner.put(tokens_B)
+
+    def quarters(self) -> list[float] | None:
+        """Decode tokens/s over each quarter of the decode steps (flat when a step's cost does not
+        grow with the length generated)."""
+        steps = [b - a for a, b in zip(self.times[:-1], self.times[1:], strict=True)]
+        if len(steps) < 8:
+            return None
+        q = len(steps) // 4
+        return [q / sum(steps[i * q : (i + 1) * q]) for i in range(4)]
 
     def end(self) -> None:
         if self.inner is not None:
@@ -134,9 +138,9 @@ def run(args: argparse.Namespace) -> int:
     )
     new_ids = out[0, len(ids) :].tolist()
     stopped = bool(new_ids) and new_ids[-1] in eos
-    assert timing.first is not None and timing.last is not None
-    prefill_s = timing.first - start
-    decode_s = timing.last - timing.first
+    prefill_s = timing.times[0] - start
+    decode_s = timing.times[-1] - timing.times[0]
+    n_decoded = len(timing.times) - 1  # the first token comes from the prefill pass
     result = {
         "model": str(args.model),
         "prompt_tokens": len(ids),
@@ -144,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         "stopped_at_eos": stopped,
         "text": tokenizer.decode([i for i in new_ids if i not in eos]),
         "prefill_tokens_per_s": len(ids) / prefill_s if prefill_s > 0 else None,
-        "decode_tokens_per_s": (timing.n - 1) / decode_s if timing.n > 1 and decode_s > 0 else None,
+        "decode_tokens_per_s": n_decoded / decode_s if n_decoded and decode_s > 0 else None,
+        "decode_tokens_per_s_by_quarter": timing.quarters(),
         "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
         "device": str(device),
     }
@@ -152,12 +157,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     write("\n")
-    pre = result["prefill_tokens_per_s"]
-    dec = result["decode_tokens_per_s"]
-    print(
-        f"prefill: {len(ids)} tokens, {pre:,.1f} tokens/s; "
-        + (f"decode: {len(new_ids)} tokens, {dec:,.1f} tokens/s" if dec else f"decode: {len(new_ids)} tokens")
-        + (" (stopped at end-of-sequence)" if stopped else ""),
-        file=sys.stderr,
-    )
+    pre, dec, quarters = result["prefill_tokens_per_s"], result["decode_tokens_per_s"], timing.quarters()
+    line = f"prefill: {len(ids)} tokens, {pre:,.1f} tokens/s; decode: {len(new_ids)} tokens"
+    if dec:
+        line += f", {dec:,.1f} tokens/s"
+    if quarters:
+        line += f" (by quarter: {', '.join(f'{v:,.1f}' for v in quarters)})"
+    print(line + (" (stopped at end-of-sequence)" if stopped else ""), file=sys.stderr)
     return 0

@@ -51,7 +51,13 @@ from moekit.tokenizer import ByteTokenizer, TextTokenizer, Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
 # Files next to the weights that a conversion carries over unchanged (tokenizer, generation).
-SIDE_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SIDE_FILES = (
+    TOKENIZER,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 _ST_DTYPES = {
     "F64": torch.float64,

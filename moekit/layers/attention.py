@@ -6,7 +6,8 @@ Both take the new tokens ``x``, their rotary ``positions`` and optionally a laye
 to ``L - T + i`` of L (equal lengths: plain causal; one query: every key).
 
 Shapes: B batch, T new tokens, L keys (cached + new), D model width, H query heads, G key/value
-heads, d head width, C latent (compressed kv) width, R rotary width. Projections use Hugging
+heads, d head width, v value head width, C latent (compressed kv) width, R rotary width, X = C + R
+(one row of the latent cache), N nope (non-rotary) query/key width. Projections use Hugging
 Face's names so that checkpoint mapping stays a rename.
 """
 
@@ -115,9 +116,8 @@ class Attention(nn.Module):
                 F.rms_norm(q_BHTd, (self.head_dim,), eps=self.norm_eps),
                 F.rms_norm(k_BGTd, (self.head_dim,), eps=self.norm_eps),
             )
-        if cache is not None:
-            k_BGTd, v_BGTd = cache.update(k_BGTd, v_BGTd, offset)  # now all L keys
-        out_BHTd = causal_attention(q_BHTd, k_BGTd, v_BGTd, self.scale, self.sinks, mask)
+        k_BGLd, v_BGLd = (k_BGTd, v_BGTd) if cache is None else cache.update(k_BGTd, v_BGTd, offset)
+        out_BHTd = causal_attention(q_BHTd, k_BGLd, v_BGLd, self.scale, self.sinks, mask)
         return self.o_proj(out_BHTd.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -88,7 +88,8 @@ class ModelCache:
         self.length = 0
         self.valid_BS: Tensor | None = None
         self.next_pos_B = torch.zeros(batch, dtype=torch.long, device=device)
-        self.padded = False
+        self.padded = False  # True from the first padding on: masks and per-row positions from then
+        self._real_B: Tensor | None = None  # real tokens per row in the last ``append``
 
     @property
     def bytes_per_token(self) -> int:
@@ -118,14 +119,15 @@ class ModelCache:
         end = self.length + t
         self.valid_BS[:, self.length : end] = mask_BT
         positions_BT = (self.next_pos_B[:, None] + mask_BT.long().cumsum(dim=1) - 1).clamp_min(0)
-        self._pending = mask_BT.long().sum(dim=1)
+        self._real_B = mask_BT.long().sum(dim=1)
         return positions_BT, padded_causal_mask(self.valid_BS[:, :end], t)
 
     def advance(self, t: int) -> None:
         """Mark the ``t`` tokens registered by ``append`` as filled."""
         self.length += t
         if self.padded:
-            self.next_pos_B += self._pending
+            assert self._real_B is not None
+            self.next_pos_B += self._real_B
         else:
             self.next_pos_B += t
 

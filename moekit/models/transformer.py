@@ -98,6 +98,10 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Set by ``from_pretrained`` from the folder: a ``moekit.tokenizer.Tokenizer`` and a
+        # ``moekit.models.generation.GenerationConfig`` (generate's defaults), or None.
+        self.tokenizer: Any = None
+        self.generation_config: Any = None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,17 @@ import torch
 import moekit
 from moekit.cli import main
 from moekit.tokenizer import render_chat
+from tests.interop.test_run_folder import write_run
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
-from test_run_folder import write_run  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """NOTE: one intra-op thread: these are tiny models, and on a busy shared CPU two OpenMP threads
+    that spin waiting for each other made this module ~40x slower (as in tests/training)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -51,6 +58,7 @@ def test_json(capsys, run_dir):
     assert code == 0 and err == ""
     assert d["prompt_tokens"] == 4 and d["new_tokens"] == 9 and d["text"] == expected_text(run_dir, "x = ", 9)
     assert d["prefill_tokens_per_s"] > 0 and d["decode_tokens_per_s"] > 0 and d["dtype"] == "float32"
+    assert len(d["decode_tokens_per_s_by_quarter"]) == 4 and min(d["decode_tokens_per_s_by_quarter"]) > 0
 
 
 def test_sampling_seed_and_bfloat16(capsys, run_dir):

@@ -20,6 +20,7 @@ import torch
 from moekit.accounting import kv_cache_bytes_per_token
 from moekit.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
 from moekit.interop.hf_config import config_from_hf
+from moekit.layers.kv_cache import ModelCache
 from moekit.models import MoETransformer
 from moekit.models.generation import GenerationConfig, TextStreamer, generate, sample_next
 from moekit.models.transformer import ContextLengthError
@@ -70,6 +71,16 @@ HF_CASES = {
         rope_scaling=YARN,
     ),
 }  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """NOTE: one intra-op thread: these are tiny models, and on a busy shared CPU two OpenMP threads
+    that spin waiting for each other made this module ~40x slower (as in tests/training)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def moekit_case(name: str) -> ModelConfig:
@@ -177,9 +188,7 @@ def test_deepseek_v3_cache_is_the_compressed_latent():
     """576 values per token per layer for DeepSeek-V3's shape (not 40,960 for expanded K and V)."""
     att = AttentionConfig(n_heads=128, kind="mla", q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64)
     cfg = ModelConfig(vocab_size=10, d_model=7168, n_layers=1, dense_ffn_dim=8, attention=att)
-    with torch.device("meta"):
-        model = MoETransformer(cfg).to(torch.bfloat16)
-    assert model.new_cache(1, 4).bytes_per_token == 576 * 2
+    assert ModelCache(cfg, 1, 4, torch.bfloat16, "meta").bytes_per_token == 576 * 2
 
 
 def test_generate_greedy_and_left_padded_batch_equal_one_by_one():
@@ -340,3 +349,41 @@ def test_greedy_32_tokens_match_transformers(case, tmp_path):
             differ = (ours[r] != theirs[r]).nonzero()
             if len(differ):  # allowed only at a near-tie, after which the sequences part ways
                 assert gap_BN[r, differ[0, 0]] <= 1e-4, f"row {r} differs at step {int(differ[0, 0])}"
+
+
+# On CUDA (bf16) -----------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_cuda_bf16_cached_decoding_close_to_full_forward(case):
+    """bf16 rounds each step differently from one full pass: agreement to bf16 precision."""
+    model = random_model(moekit_case(case)).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        full = model(ids).logits.float()
+    cached = incremental_logits(model, ids, [7, 4] + [1] * 29).float()
+    assert cached.dtype == torch.float32 and rel_err(cached, full) <= 3e-2
+    assert model.new_cache(1, 4).bytes_per_token == kv_cache_bytes_per_token(model.config, "bf16")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_cuda_bf16_teacher_forced_logits_match_transformers(case, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from moekit.interop.pretrained import from_pretrained
+
+    hf = build_hf(case, transformers)
+    hf.save_pretrained(tmp_path)
+    hf = hf.to("cuda", torch.bfloat16)
+    model = from_pretrained(tmp_path, dtype="bfloat16", device="cuda")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(12)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    theirs, their_logits = hf_greedy(hf, ids, mask, 32)
+    ours = teacher_forced(model, ids, mask, theirs)
+    assert rel_err(ours.float(), their_logits.float()) <= 5e-2
