@@ -38,7 +38,13 @@ from typing import Literal
 
 from moekit.accounting import DTYPE_BYTES, kv_cache_bytes_per_token
 from moekit.config import ConfigError, ModelConfig
-from moekit.planning.activations import F32, AttentionKernel, ExpertsImpl, estimate_activations
+from moekit.planning.activations import (
+    F32,
+    AttentionKernel,
+    ExpertsImpl,
+    estimate_activations,
+    inference_bytes_per_token,
+)
 from moekit.planning.layout import Layout, ParamSplit, rank_parameter_split
 
 Mode = Literal["train", "infer"]
@@ -129,7 +135,10 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
         mem["activations"] = act.peak(tokens)
     else:
         mem["kv_cache"] = tokens * kv_cache_bytes_per_token(cfg, req.dtype)
-        mem["activations"] = tokens * act.layer_max_per_token + req.micro_batch * cfg.vocab_size * F32
+        per_token = inference_bytes_per_token(
+            cfg, req.dtype, req.seq_len, layout, experts_impl=req.experts_impl, attention_kernel=req.attention_kernel
+        )
+        mem["activations"] = tokens * per_token
     if req.zero3:
         # The widest replicated unit gathered whole, twice (computing + prefetching).
         n_layers = max(cfg.n_layers, 1)
@@ -174,11 +183,3 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
         per_token_per_moe_layer=per_token,
         zero3=req.zero3,
     )
-
-
-def rank_key(c: LayoutCost) -> tuple:
-    """Fits with headroom, then fits without it, by least communication per token; then the
-    layouts that do not fit, leanest first (the closest to fitting)."""
-    if c.fits_without_headroom:
-        return (0 if c.fits else 1, c.comm_per_token, c.total, c.layout.etp)
-    return (2, c.total, c.comm_per_token, c.layout.etp)

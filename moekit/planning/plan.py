@@ -1,8 +1,9 @@
 """The plan: every candidate layout ranked, and what would help when none fits.
 
 Ranking rule: layouts that fit with the headroom (total ≤ (1 − headroom) × device memory) first,
-then those that fit only without it, each by the least communication per token (then the least
-memory); then the layouts that do not fit, leanest first. When nothing fits, each suggestion (more devices, a lower dtype, a
+then those that fit only without it, each by the least communication per token, where figures
+within 5% of the least count as equal and the leaner layout goes first (a few percent of traffic
+is not worth running at the edge of memory); then the layouts that do not fit, leanest first. When nothing fits, each suggestion (more devices, a lower dtype, a
 smaller micro-batch, ZeRO-3, recomputation, offloading) is checked by planning again; pipeline
 parallelism, which moekit does not do, is sized as total ÷ usable memory.
 """
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from moekit.accounting import DTYPE_BYTES
 from moekit.config import ConfigError, ModelConfig
 from moekit.planning.activations import recomputed_activation_bytes
-from moekit.planning.cost import LayoutCost, PlanRequest, layout_cost, rank_key
+from moekit.planning.cost import LayoutCost, PlanRequest, layout_cost
 from moekit.planning.layout import ParamSplit, candidate_layouts, rank_parameter_split
 from moekit.planning.units import gib
 
@@ -46,9 +47,26 @@ class Plan:
         }
 
 
+# Communication figures within this fraction of each other count as equal; more free memory wins.
+COMM_TOLERANCE = 0.05
+
+
+def rank_layouts(costs: list[LayoutCost]) -> list[LayoutCost]:
+    """The ranking rule of the module docstring."""
+    ranked: list[LayoutCost] = []
+    by_comm = sorted(costs, key=lambda c: (c.comm_per_token, c.total, c.layout.etp))
+    for fits in (lambda c: c.fits, lambda c: c.fits_without_headroom and not c.fits):
+        members = [c for c in by_comm if fits(c)]
+        while members:  # bands: everything within the tolerance of the cheapest left, leanest first
+            limit = members[0].comm_per_token * (1 + COMM_TOLERANCE)
+            ranked += sorted((c for c in members if c.comm_per_token <= limit), key=lambda c: c.total)
+            members = [c for c in members if c.comm_per_token > limit]
+    return ranked + sorted((c for c in costs if not c.fits_without_headroom), key=lambda c: (c.total, c.comm_per_token))
+
+
 def _costs(cfg: ModelConfig, req: PlanRequest, fixed: dict[str, int | None], split: ParamSplit) -> list[LayoutCost]:
     layouts = candidate_layouts(req.devices, split, **fixed)
-    return sorted((layout_cost(cfg, req, lay, split) for lay in layouts), key=rank_key)
+    return rank_layouts([layout_cost(cfg, req, lay, split) for lay in layouts])
 
 
 def _fits(cfg: ModelConfig, req: PlanRequest, split: ParamSplit) -> LayoutCost | None:
