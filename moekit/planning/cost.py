@@ -11,6 +11,9 @@ Memory per device, at ``dtype`` (fp32, bf16, fp16; fp8 for inference only):
   where the model has it, × micro_batch × seq_len, on every rank: attention is replicated) + a
   prefill working set, bounded by one layer's training activations for the step's tokens, and
   the last position's logits.
+- ``recompute``: full activation recomputation (moekit does NOT do it): the layer inputs kept and
+  one layer's activations at a time (``recomputed_activation_bytes``); its MoE layers' forward
+  exchanges run again in backward (3 passes instead of 2).
 - ``zero3``: ZeRO-3 / FSDP on top of the layout (moekit's parallel code does NOT run it yet):
   every state of the replicated part sharded over dp, of the experts over their dp/ep replicas,
   plus two gathered units (the layer computing and the one prefetched).
@@ -44,6 +47,7 @@ from moekit.planning.activations import (
     ExpertsImpl,
     estimate_activations,
     inference_bytes_per_token,
+    recomputed_activation_bytes,
 )
 from moekit.planning.layout import Layout, ParamSplit, rank_parameter_split
 
@@ -63,6 +67,7 @@ class PlanRequest:
     seq_len: int = 4096
     headroom: float = 0.1  # fraction of device memory kept free (allocator fragmentation, buffers)
     zero3: bool = False
+    recompute: bool = False  # full activation recomputation (training; moekit does not do it)
     experts_impl: ExpertsImpl = "rows"
     attention_kernel: AttentionKernel = "flash"
 
@@ -78,6 +83,8 @@ class PlanRequest:
             raise ConfigError(
                 f"dtype {self.dtype!r} cannot be used to {self.mode}; expected one of {', '.join(allowed)}"
             )
+        if self.recompute and self.mode != "train":
+            raise ConfigError("recompute applies to training only (inference keeps no activations)")
         if not 0 <= self.headroom < 1:
             raise ConfigError(f"headroom must be a fraction in [0, 1), got {self.headroom!r}")
 
@@ -132,7 +139,18 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
     if train:
         mem["gradients"] = held * b
         mem["optimizer"] = held * (8 + (F32 if b != F32 else 0))  # AdamW m, v (+ fp32 master copy)
-        mem["activations"] = act.peak(tokens)
+        if req.recompute:
+            mem["activations"] = recomputed_activation_bytes(
+                cfg,
+                req.micro_batch,
+                req.seq_len,
+                req.dtype,
+                layout=layout,
+                experts_impl=req.experts_impl,
+                attention_kernel=req.attention_kernel,
+            )
+        else:
+            mem["activations"] = act.peak(tokens)
     else:
         mem["kv_cache"] = tokens * kv_cache_bytes_per_token(cfg, req.dtype)
         per_token = inference_bytes_per_token(
@@ -149,7 +167,8 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
     total = sum(memory.values())
 
     n_moe, k, d = split.n_moe_layers, (cfg.moe.top_k if cfg.moe else 0), cfg.d_model
-    passes = 2 if train else 1  # backward repeats the exchange and the all-reduce
+    # Backward repeats the exchange and the all-reduce; recomputation repeats the forward's too.
+    passes = (3 if req.recompute else 2) if train else 1
     # One token, one MoE layer, one forward: what leaves this rank.
     per_token = {
         "dispatch": k * d * b * (layout.ep - 1) / layout.ep,
