@@ -8,9 +8,9 @@ Memory per device, at ``dtype`` (fp32, bf16, fp16; fp8 for inference only):
   keeps fp32 weights under bf16 autocast on CUDA, whose weight-cast cache adds 2 B/param.
   Activations: ``moekit.planning.activations`` at micro_batch × seq_len tokens per rank.
 - inference: weights + KV cache (``kv_cache_bytes_per_token`` at dtype, MLA's compressed latent
-  where the model has it, × micro_batch × seq_len, on every rank: attention is replicated) + a
-  prefill working set, bounded by one layer's training activations for the step's tokens, and
-  the last position's logits.
+  where the model has it, × micro_batch × seq_len, on every rank: attention is replicated) + the
+  working set of a prefill of those tokens (``inference_bytes_per_token``: the residual stream
+  and the largest of one attention, one FFN / MoE, or the logits).
 - ``recompute``: full activation recomputation (moekit does NOT do it): the layer inputs kept and
   one layer's activations at a time (``recomputed_activation_bytes``); its MoE layers' forward
   exchanges run again in backward (3 passes instead of 2).
