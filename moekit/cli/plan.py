@@ -47,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also shard the replicated part ZeRO-3/FSDP style (a layout moekit's parallel code does not run yet)",
     )
     p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="training with full activation recomputation (moekit does not do it yet)",
+    )
+    p.add_argument(
         "--experts-impl",
         choices=["rows", "fused"],
         default="rows",
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         headroom=args.headroom,
         zero3=args.zero3,
+        recompute=args.recompute,
         experts_impl=args.experts_impl,
     )
     result = plan(cfg, req, dp=args.dp, ep=args.ep, etp=args.etp)
@@ -90,6 +96,7 @@ def _print_human(result: Plan, rows: int) -> None:
         f"{result.name}: {'training' if train else 'inference'} on {req.devices} × {gib(req.device_memory)}, "
         f"{req.dtype}, {req.micro_batch}×{req.seq_len} tokens per rank"
         f"{', ZeRO-3 (not run by moekit yet)' if req.zero3 else ''}"
+        f"{', recomputation (not done by moekit)' if req.recompute else ''}"
     )
     table = Table(title=title, title_justify="left")
     for name, justify in [
@@ -140,12 +147,13 @@ def _print_human(result: Plan, rows: int) -> None:
         )
     first = result.fitting[0] if result.fitting else result.layouts[0]
     t = first.per_token_per_moe_layer
-    console.print(
-        f"per token per MoE layer ({first.layout.text()}, forward): all-to-all dispatch {gib(t['dispatch'])} + "
-        f"combine {gib(t['combine'])}, ETP all-reduce {gib(t['etp_all_reduce'])}"
-        f"{'; training doubles both (backward)' if train else ''}",
-        soft_wrap=True,
-    )
+    if first.experts_per_rank:
+        console.print(
+            f"per token per MoE layer ({first.layout.text()}, forward): all-to-all dispatch {gib(t['dispatch'])} + "
+            f"combine {gib(t['combine'])}, ETP all-reduce {gib(t['etp_all_reduce'])}"
+            f"{'; training doubles both (backward)' if train else ''}",
+            soft_wrap=True,
+        )
     for line in result.suggestions:
         console.print(f"- {line}", soft_wrap=True)
     for line in result.assumptions:

@@ -5,15 +5,20 @@ checked with ``torch.autograd.graph.saved_tensors_hooks``), at b = bytes(dtype),
 D width, H query heads, G kv heads, hd head width, K experts per token, E routed experts, F expert
 width (F / etp under expert tensor parallelism), S sequence length, V vocabulary:
 
-    per layer  norms           2·(3D + 1)·b     RMSNorm saves x, x·rstd and rstd; the next matmul
-                                                saves the normed output
+    norm(n)                    (2n + 1)·4 + n·b   nn.RMSNorm computes in fp32: it keeps fp32 x,
+                                                x·rstd and rstd; the next matmul keeps the
+                                                normed output (LayerNorm: 2n·b + 8)
+    per layer  norms           2·norm(D)        before attention and before the FFN
                GQA attention   (2·H·hd + 2·G·hd)·b + 4·H    q, k, v, output, fp32 log-sum-exp
-                                                (flash kernels, CUDA and CPU); + 2·(H+G)·hd·b with
-                                                a q/k norm, + (H+G)·hd·b with an L2 q/k norm
-               MLA attention   (3·q_lora + 1 + C + R + 2C + 1)·b + (2·H·d_qk + 2·H·d_v)·b + 4·H
-                                                the latents and their norms, then as above
-               math kernel     + H·S·b          the probabilities (attention sinks, or CPU MLA
-                                                whose d_qk ≠ d_v has no flash kernel)
+                                                (flash kernels, CUDA and CPU); + (2·(H+G)·hd +
+                                                H+G)·4 with a q/k norm, + (H+G)·hd·4 with L2
+               MLA attention   norm(q_lora) + norm(C) + (2·H·d_qk + 2·H·d_v)·b + 4·H
+                                                the two latent norms, then as above
+               math kernel     (q, k, v widths + H·S)·4 + H·d_v·b  instead of the flash terms:
+                                                fp32 q, k, v and probabilities, the output
+                                                (CPU MLA: no flash kernel for d_qk ≠ d_v)
+               sinks           (3·H·hd + H·(S + 1) + H·hd)·b   moekit's softmax with sinks: q and
+                                                k, v repeated to H heads, the probabilities
                dense FFN       4·F_dense·b      w1·x, silu, w3·x, their product
                MoE router      4·E + 16·K + 4   fp32 scores, top-k indices, gathered and
                                                 normalised weights (+ 4·D: the fp32 copy of
@@ -25,7 +30,7 @@ width (F / etp under expert tensor parallelism), S sequence length, V vocabulary
                                                 gate-weighted copy (grouped_mm on CUDA, and
                                                 every layout with ep > 1: EP delivers rows)
                shared experts  4·n_shared·F_shared·b (+ (D + 1)·b with a shared gate)
-    head                       (3D + 1)·b + V·b   final norm, lm_head input, the logits
+    head                       norm(D) + V·b    final norm, lm_head input, the logits
 
 Peak = tokens × (Σ layers + head) + max(tokens × 12·V, expert gradients), tokens = micro_batch ×
 seq_len: every saved tensor is alive when backward starts; on top of them, the larger of two
@@ -37,7 +42,10 @@ Shapes small next to these (embedding ids, rotary tables, per-expert counts) are
 recomputation.
 
 ``tests/planning/test_activations.py`` checks the estimate against the measured peak memory of
-small CPU training steps (torch.profiler's allocation events, summed in time order).
+small CPU training steps in fp32 and bf16 (torch.profiler's allocation events, summed in time
+order): within 1% for GQA and MLA models, fused and grouped_mm experts. What CUDA kernels keep
+was not measured here; flash attention and grouped_mm keep the same tensors by their autograd
+formulas, but a fused CUDA RMSNorm would keep less than ``norm(n)``.
 """
 
 from __future__ import annotations
@@ -86,21 +94,35 @@ def estimate_activations(
     layout = layout or Layout(1)
     b, d, a = DTYPE_BYTES[dtype], cfg.d_model, cfg.attention
     h = a.n_heads
-    norms = 2 * (3 * d + 1 if cfg.norm == "rmsnorm" else 2 * d + 2) * b
+
+    def rms(n: int) -> int:  # nn.RMSNorm keeps fp32 x, x·rstd and rstd; the next matmul its output
+        return (2 * n + 1) * F32 + n * b
+
+    layer_norm = rms(d) if cfg.norm == "rmsnorm" else 2 * d * b + 2 * F32  # LayerNorm: x, mean, rstd
+    norms = 2 * layer_norm
     if a.kind == "mla":
-        c, r, ql = a.kv_lora_rank, a.qk_rope_head_dim, a.q_lora_rank
-        latents = (3 * ql + 1 if ql else 0) + (c + r) + 2 * c + 1
+        c, ql = a.kv_lora_rank, a.q_lora_rank
+        latents = (rms(ql) if ql else 0) + rms(c)
         dqk, dv = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
-        attention = (latents + 2 * h * dqk + 2 * h * dv) * b + F32 * h
+        q_k_v = 2 * h * dqk + h * dv  # per token, all heads
+        out = h * dv
     else:
         g, hd = a.n_kv_heads, a.head_dim
-        attention = (2 * h * hd + 2 * g * hd) * b + F32 * h
+        latents = 0
         if a.qk_norm in ("head", "full"):
-            attention += 2 * (h + g) * hd * b
+            latents = 2 * (h + g) * hd * F32 + (h + g) * F32
         elif a.qk_norm == "l2":
-            attention += (h + g) * hd * b
-    if attention_kernel == "math" or a.sinks:
-        attention += h * seq_len * b
+            latents = (h + g) * hd * F32
+        q_k_v = (h + 2 * g) * hd
+        dqk, out = hd, h * hd
+    if a.sinks:  # moekit's own softmax with sinks: q, k and v repeated to H heads, probabilities
+        attention = latents + (3 * h * dqk + h * (seq_len + 1) + out) * b
+    elif attention_kernel == "math":
+        # NOTE: torch's math kernel (on CPU for d_qk != d_v) keeps fp32 copies of q, k and v and
+        # fp32 probabilities when the model runs in half precision.
+        attention = latents + (q_k_v + h * seq_len) * F32 + out * b
+    else:
+        attention = latents + (q_k_v + out) * b + h * F32  # flash: q, k, v, output, log-sum-exp
     dense_ffn = 4 * cfg.dense_ffn_dim * b
     moe_layer, expert_grad = 0.0, 0.0
     if cfg.moe is not None and cfg.moe_layer_ids:
@@ -122,7 +144,7 @@ def estimate_activations(
         "attention": cfg.n_layers * attention,
         "dense_ffn": n_dense * dense_ffn,
         "moe": n_moe * moe_layer,
-        "head": (3 * d + 1) * b + cfg.vocab_size * b,
+        "head": layer_norm + cfg.vocab_size * b,  # final norm, lm_head input, logits
     }
     return ActivationEstimate(
         saved_per_token=saved,
@@ -130,6 +152,43 @@ def estimate_activations(
         expert_grad=expert_grad,
         layer_max_per_token=norms + attention + max(dense_ffn if n_dense else 0, moe_layer),
     )
+
+
+def inference_bytes_per_token(
+    cfg: ModelConfig,
+    dtype: str,
+    seq_len: int,
+    layout: Layout | None = None,
+    *,
+    experts_impl: ExpertsImpl = "rows",
+    attention_kernel: AttentionKernel = "flash",
+) -> float:
+    """Peak working set per token of a forward without autograd (a prefill): the residual stream
+    and its normed copy, plus the largest of one attention, one FFN / MoE, or the logits (moekit's
+    forward computes them at every position). Nothing is kept from layer to layer. A coarse figure
+    (0.6-0.9 of the measured peak of CPU bf16 forwards, whose matmuls add temporaries), small next
+    to the weights and the KV cache it sits beside."""
+    layout = layout or Layout(1)
+    b, d, a, h = DTYPE_BYTES[dtype], cfg.d_model, cfg.attention, cfg.attention.n_heads
+    if a.kind == "mla":
+        ql, c, r = a.q_lora_rank or 0, a.kv_lora_rank, a.qk_rope_head_dim
+        dqk, dv = a.qk_nope_head_dim + r, a.v_head_dim
+        # latents, the expanded k_nope|v, then q, k, v and the output
+        attention = (ql + c + r + h * (a.qk_nope_head_dim + dv) + 2 * h * dqk + 2 * h * dv) * b
+    else:
+        attention = (2 * a.n_heads + 2 * a.n_kv_heads) * a.head_dim * b
+        dqk = dv = a.head_dim
+    if attention_kernel == "math" or a.sinks:
+        attention += (2 * h * seq_len + h * (2 * dqk + dv)) * F32  # scores, probabilities, fp32 q, k, v
+    ffn = 3 * cfg.dense_ffn_dim * b if cfg.n_dense_layers else 0
+    if cfg.moe is not None and cfg.moe_layer_ids:
+        m = cfg.moe
+        k, f = m.top_k, m.expert_ffn_dim // layout.etp
+        router = 2 * F32 * m.n_routed_experts + (F32 * d if b != F32 else 0)
+        fused = experts_impl == "fused" and layout.ep == 1
+        routed = d * b if fused else k * (2 * d + 2 * f) * b  # output only, or rows in and out
+        ffn = max(ffn, router + routed + 3 * m.n_shared_experts * m.shared_ffn_dim * b)
+    return 2 * d * b + max(attention, ffn, cfg.vocab_size * b)
 
 
 def training_activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype: str, **kw) -> int:

@@ -8,9 +8,12 @@ Memory per device, at ``dtype`` (fp32, bf16, fp16; fp8 for inference only):
   keeps fp32 weights under bf16 autocast on CUDA, whose weight-cast cache adds 2 B/param.
   Activations: ``moekit.planning.activations`` at micro_batch × seq_len tokens per rank.
 - inference: weights + KV cache (``kv_cache_bytes_per_token`` at dtype, MLA's compressed latent
-  where the model has it, × micro_batch × seq_len, on every rank: attention is replicated) + a
-  prefill working set, bounded by one layer's training activations for the step's tokens, and
-  the last position's logits.
+  where the model has it, × micro_batch × seq_len, on every rank: attention is replicated) + the
+  working set of a prefill of those tokens (``inference_bytes_per_token``: the residual stream
+  and the largest of one attention, one FFN / MoE, or the logits).
+- ``recompute``: full activation recomputation (moekit does NOT do it): the layer inputs kept and
+  one layer's activations at a time (``recomputed_activation_bytes``); its MoE layers' forward
+  exchanges run again in backward (3 passes instead of 2).
 - ``zero3``: ZeRO-3 / FSDP on top of the layout (moekit's parallel code does NOT run it yet):
   every state of the replicated part sharded over dp, of the experts over their dp/ep replicas,
   plus two gathered units (the layer computing and the one prefetched).
@@ -38,7 +41,14 @@ from typing import Literal
 
 from moekit.accounting import DTYPE_BYTES, kv_cache_bytes_per_token
 from moekit.config import ConfigError, ModelConfig
-from moekit.planning.activations import F32, AttentionKernel, ExpertsImpl, estimate_activations
+from moekit.planning.activations import (
+    F32,
+    AttentionKernel,
+    ExpertsImpl,
+    estimate_activations,
+    inference_bytes_per_token,
+    recomputed_activation_bytes,
+)
 from moekit.planning.layout import Layout, ParamSplit, rank_parameter_split
 
 Mode = Literal["train", "infer"]
@@ -57,6 +67,7 @@ class PlanRequest:
     seq_len: int = 4096
     headroom: float = 0.1  # fraction of device memory kept free (allocator fragmentation, buffers)
     zero3: bool = False
+    recompute: bool = False  # full activation recomputation (training; moekit does not do it)
     experts_impl: ExpertsImpl = "rows"
     attention_kernel: AttentionKernel = "flash"
 
@@ -72,6 +83,8 @@ class PlanRequest:
             raise ConfigError(
                 f"dtype {self.dtype!r} cannot be used to {self.mode}; expected one of {', '.join(allowed)}"
             )
+        if self.recompute and self.mode != "train":
+            raise ConfigError("recompute applies to training only (inference keeps no activations)")
         if not 0 <= self.headroom < 1:
             raise ConfigError(f"headroom must be a fraction in [0, 1), got {self.headroom!r}")
 
@@ -126,10 +139,24 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
     if train:
         mem["gradients"] = held * b
         mem["optimizer"] = held * (8 + (F32 if b != F32 else 0))  # AdamW m, v (+ fp32 master copy)
-        mem["activations"] = act.peak(tokens)
+        if req.recompute:
+            mem["activations"] = recomputed_activation_bytes(
+                cfg,
+                req.micro_batch,
+                req.seq_len,
+                req.dtype,
+                layout=layout,
+                experts_impl=req.experts_impl,
+                attention_kernel=req.attention_kernel,
+            )
+        else:
+            mem["activations"] = act.peak(tokens)
     else:
         mem["kv_cache"] = tokens * kv_cache_bytes_per_token(cfg, req.dtype)
-        mem["activations"] = tokens * act.layer_max_per_token + req.micro_batch * cfg.vocab_size * F32
+        per_token = inference_bytes_per_token(
+            cfg, req.dtype, req.seq_len, layout, experts_impl=req.experts_impl, attention_kernel=req.attention_kernel
+        )
+        mem["activations"] = tokens * per_token
     if req.zero3:
         # The widest replicated unit gathered whole, twice (computing + prefetching).
         n_layers = max(cfg.n_layers, 1)
@@ -140,7 +167,8 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
     total = sum(memory.values())
 
     n_moe, k, d = split.n_moe_layers, (cfg.moe.top_k if cfg.moe else 0), cfg.d_model
-    passes = 2 if train else 1  # backward repeats the exchange and the all-reduce
+    # Backward repeats the exchange and the all-reduce; recomputation repeats the forward's too.
+    passes = (3 if req.recompute else 2) if train else 1
     # One token, one MoE layer, one forward: what leaves this rank.
     per_token = {
         "dispatch": k * d * b * (layout.ep - 1) / layout.ep,
@@ -174,11 +202,3 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
         per_token_per_moe_layer=per_token,
         zero3=req.zero3,
     )
-
-
-def rank_key(c: LayoutCost) -> tuple:
-    """Fits with headroom, then fits without it, by least communication per token; then the
-    layouts that do not fit, leanest first (the closest to fitting)."""
-    if c.fits_without_headroom:
-        return (0 if c.fits else 1, c.comm_per_token, c.total, c.layout.etp)
-    return (2, c.total, c.comm_per_token, c.layout.etp)

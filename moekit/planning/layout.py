@@ -91,7 +91,9 @@ def per_rank_parameter_count(cfg_or_counts: ModelConfig | ParamSplit, layout: La
     return sum(rank_parameter_split(cfg_or_counts, layout))
 
 
-def candidate_layouts(devices: int, split: ParamSplit, *, dp=None, ep=None, etp=None) -> list[Layout]:
+def candidate_layouts(
+    devices: int, split: ParamSplit, *, dp: int | None = None, ep: int | None = None, etp: int | None = None
+) -> list[Layout]:
     """Every layout of ``devices`` ranks the contract allows, restricted to the given degrees."""
     out = []
     for t in range(1, devices + 1):

@@ -1,9 +1,10 @@
 """The plan: every candidate layout ranked, and what would help when none fits.
 
 Ranking rule: layouts that fit with the headroom (total ≤ (1 − headroom) × device memory) first,
-then those that fit only without it, each by the least communication per token (then the least
-memory); then the layouts that do not fit, leanest first. When nothing fits, each suggestion (more devices, a lower dtype, a
-smaller micro-batch, ZeRO-3, recomputation, offloading) is checked by planning again; pipeline
+then those that fit only without it, each by the least communication per token, where figures
+within 5% of the least count as equal and the leaner layout goes first (a few percent of traffic
+is not worth running at the edge of memory); then the layouts that do not fit, leanest first. When nothing fits, each suggestion (more devices, a lower dtype, a
+smaller micro-batch, ZeRO-3, recomputation, both) is checked by planning again; pipeline
 parallelism, which moekit does not do, is sized as total ÷ usable memory.
 """
 
@@ -14,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from moekit.accounting import DTYPE_BYTES
 from moekit.config import ConfigError, ModelConfig
-from moekit.planning.activations import recomputed_activation_bytes
-from moekit.planning.cost import LayoutCost, PlanRequest, layout_cost, rank_key
+from moekit.planning.cost import LayoutCost, PlanRequest, layout_cost
 from moekit.planning.layout import ParamSplit, candidate_layouts, rank_parameter_split
 from moekit.planning.units import gib
 
@@ -46,9 +46,26 @@ class Plan:
         }
 
 
+# Communication figures within this fraction of each other count as equal; more free memory wins.
+COMM_TOLERANCE = 0.05
+
+
+def rank_layouts(costs: list[LayoutCost]) -> list[LayoutCost]:
+    """The ranking rule of the module docstring."""
+    ranked: list[LayoutCost] = []
+    by_comm = sorted(costs, key=lambda c: (c.comm_per_token, c.total, c.layout.etp))
+    for fits in (lambda c: c.fits, lambda c: c.fits_without_headroom and not c.fits):
+        members = [c for c in by_comm if fits(c)]
+        while members:  # bands: everything within the tolerance of the cheapest left, leanest first
+            limit = members[0].comm_per_token * (1 + COMM_TOLERANCE)
+            ranked += sorted((c for c in members if c.comm_per_token <= limit), key=lambda c: c.total)
+            members = [c for c in members if c.comm_per_token > limit]
+    return ranked + sorted((c for c in costs if not c.fits_without_headroom), key=lambda c: (c.total, c.comm_per_token))
+
+
 def _costs(cfg: ModelConfig, req: PlanRequest, fixed: dict[str, int | None], split: ParamSplit) -> list[LayoutCost]:
     layouts = candidate_layouts(req.devices, split, **fixed)
-    return sorted((layout_cost(cfg, req, lay, split) for lay in layouts), key=rank_key)
+    return rank_layouts([layout_cost(cfg, req, lay, split) for lay in layouts])
 
 
 def _fits(cfg: ModelConfig, req: PlanRequest, split: ParamSplit) -> LayoutCost | None:
@@ -83,20 +100,37 @@ def assumptions(req: PlanRequest) -> list[str]:
     lines.append("the etp ranks of a group share their tokens; comm/token = all ranks' bytes / tokens in the step")
     if req.zero3:
         lines.append("ZeRO-3/FSDP sharding of the replicated part: moekit's parallel code does NOT run this yet")
+    if req.recompute:
+        lines.append(
+            "full activation recomputation (moekit does NOT do it): layer inputs kept, the forward of each "
+            "layer (its all-to-all and all-reduce included) repeated in backward"
+        )
     return lines
 
 
 def _need_devices(cfg: ModelConfig, req: PlanRequest, split: ParamSplit, limit: int) -> int | None:
-    n = req.devices + 1
+    """The fewest devices above ``req.devices`` on which some layout fits, up to ``limit``: every
+    count to 64, then steps of about 6%, then every count back inside the step that fitted."""
+    tried, n = req.devices, req.devices + 1
     while n <= limit:
         if _fits(cfg, _replace(req, devices=n), split):
-            return n
-        n += 1 if n < 64 else n // 16
+            return next(m for m in range(tried + 1, n + 1) if _fits(cfg, _replace(req, devices=m), split))
+        tried, n = n, n + (1 if n < 64 else n // 16)
     return None
 
 
 def _replace(req: PlanRequest, **kw) -> PlanRequest:
     return PlanRequest(**(asdict(req) | kw))
+
+
+def _verdict(cfg: ModelConfig, req: PlanRequest, split: ParamSplit, what: str) -> str:
+    """``what``, checked: fits on these devices (the layout), on how many, or not up to the limit."""
+    c = _fits(cfg, req, split)
+    if c:
+        return f"{what}: fits ({c.layout.text()}, {gib(c.total)} per device)"
+    limit = max(16 * req.devices, 4096)
+    n = _need_devices(cfg, req, split, limit)
+    return f"{what}: fits on {n} devices" if n else f"{what}: does not fit on up to {limit} devices"
 
 
 def suggestions(cfg: ModelConfig, req: PlanRequest, best: LayoutCost, split: ParamSplit) -> list[str]:
@@ -113,42 +147,20 @@ def suggestions(cfg: ModelConfig, req: PlanRequest, best: LayoutCost, split: Par
             "more devices alone cannot help: the replicated part (attention, embeddings, shared experts) "
             "and the activations are on every rank"
         )
-    lower = [
-        dt for dt in (("bf16",) if req.mode == "train" else ("bf16", "fp8")) if DTYPE_BYTES[dt] < DTYPE_BYTES[req.dtype]
-    ]
-    for dt in lower:
-        c = _fits(cfg, _replace(req, dtype=dt), split)
-        if c:
-            out.append(f"a lower dtype: {dt} fits ({c.layout.text()}, {gib(c.total)})")
-            break
-    if req.micro_batch > 1 or req.seq_len > 512:
-        smaller = _replace(req, micro_batch=1)
-        c = _fits(cfg, smaller, split)
-        if c:
-            out.append(f"micro-batch 1 fits ({c.layout.text()}, {gib(c.total)})")
+    for dt in ("bf16",) if req.mode == "train" else ("bf16", "fp8"):
+        if DTYPE_BYTES[dt] < DTYPE_BYTES[req.dtype]:
+            out.append(_verdict(cfg, _replace(req, dtype=dt), split, f"a lower dtype, {dt}"))
+    if req.micro_batch > 1:
+        out.append(_verdict(cfg, _replace(req, micro_batch=1), split, "micro-batch 1"))
     if not req.zero3:
-        sharded = _replace(req, zero3=True)
-        c = _fits(cfg, sharded, split)
-        if c:
-            out.append(f"ZeRO-3/FSDP sharding fits ({c.layout.text()}, {gib(c.total)}; moekit does not run it yet)")
-        elif (n := _need_devices(cfg, sharded, split, limit=max(16 * req.devices, 4096))) is not None:
-            out.append(f"ZeRO-3/FSDP sharding on {n} devices would fit (moekit does not run it yet)")
-    if req.mode == "train":
-        act = recomputed_activation_bytes(
-            cfg,
-            req.micro_batch,
-            req.seq_len,
-            req.dtype,
-            layout=best.layout,
-            experts_impl=req.experts_impl,
-            attention_kernel=req.attention_kernel,
-        )
-        recomputed = best.total - best.memory["activations"] + act
-        verdict = "fits" if recomputed <= usable else "does not fit either"
+        out.append(_verdict(cfg, _replace(req, zero3=True), split, "ZeRO-3/FSDP sharding (moekit does not run it yet)"))
+    if req.mode == "train" and not req.recompute:
         out.append(
-            f"activation recomputation (moekit does not do it): {gib(recomputed)} per device "
-            f"({best.layout.text()}), {verdict}"
+            _verdict(cfg, _replace(req, recompute=True), split, "activation recomputation (moekit does not do it)")
         )
+        if not req.zero3:
+            both = _replace(req, recompute=True, zero3=True)
+            out.append(_verdict(cfg, both, split, "ZeRO-3 and recomputation together (neither run by moekit)"))
     stages = math.ceil(best.total / usable)
     out.append(f"pipeline parallelism over about {stages} stages (moekit does not do pipeline parallelism)")
     if req.mode == "train":

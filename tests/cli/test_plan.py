@@ -51,6 +51,7 @@ def test_json_has_every_figure(capsys):
         "seq_len": 2048,
         "headroom": 0.1,
         "zero3": False,
+        "recompute": False,
         "experts_impl": "rows",
         "attention_kernel": "flash",
     }

@@ -20,9 +20,9 @@ from moekit.models.transformer import MoETransformer
 from moekit.planning import Layout, estimate_activations, training_activation_bytes
 
 
-def measured_peak(cfg: ModelConfig, batch: int, seq_len: int, impl: str) -> int:
+def measured_peak(cfg: ModelConfig, batch: int, seq_len: int, impl: str, dtype: torch.dtype = torch.float32) -> int:
     """Peak bytes allocated during one forward + backward above the state before it (see above)."""
-    model = MoETransformer(cfg)
+    model = MoETransformer(cfg).to(dtype)
     model.set_moe_impl(impl)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
 
@@ -70,23 +70,35 @@ MLA = ModelConfig(
 )
 
 
+SINKS = SMALL.replace(attention=AttentionConfig(n_heads=4, n_kv_heads=2, sinks=True))
+BF16 = torch.bfloat16
+
+
 @pytest.mark.parametrize(
-    "cfg, batch, seq_len, impl, kernel",
+    "cfg, batch, seq_len, impl, kernel, dtype",
     [
-        (SMALL, 2, 128, "fused", "flash"),
-        (SMALL, 2, 128, "grouped_mm", "flash"),
-        (LARGER, 2, 256, "fused", "flash"),
-        (LARGER, 2, 256, "grouped_mm", "flash"),
+        (SMALL, 2, 128, "fused", "flash", torch.float32),
+        (SMALL, 2, 128, "grouped_mm", "flash", torch.float32),
+        (LARGER, 2, 256, "fused", "flash", torch.float32),
+        (LARGER, 2, 256, "grouped_mm", "flash", torch.float32),
+        (LARGER, 2, 256, "grouped_mm", "flash", BF16),
         # CPU has no flash kernel for MLA's d_qk != d_v: the math kernel keeps the probabilities.
-        (MLA, 2, 128, "fused", "math"),
+        (MLA, 2, 128, "fused", "math", torch.float32),
+        (MLA, 2, 128, "fused", "math", BF16),
+        (SINKS, 2, 128, "fused", "flash", torch.float32),
     ],
-    ids=["small-fused", "small-rows", "larger-fused", "larger-rows", "mla-math"],
+    ids=["small-fused", "small-rows", "larger-fused", "larger-rows", "larger-rows-bf16", "mla", "mla-bf16", "sinks"],
 )
-def test_estimate_within_25_percent_of_measured_peak(cfg, batch, seq_len, impl, kernel):
+def test_estimate_within_25_percent_of_measured_peak(cfg, batch, seq_len, impl, kernel, dtype):
     est = training_activation_bytes(
-        cfg, batch, seq_len, "fp32", experts_impl="fused" if impl == "fused" else "rows", attention_kernel=kernel
+        cfg,
+        batch,
+        seq_len,
+        "bf16" if dtype == BF16 else "fp32",
+        experts_impl="fused" if impl == "fused" else "rows",
+        attention_kernel=kernel,
     )
-    peak = measured_peak(cfg, batch, seq_len, impl)
+    peak = measured_peak(cfg, batch, seq_len, impl, dtype)
     assert abs(est - peak) <= 0.25 * peak, f"estimate {est:,} vs measured {peak:,} ({est / peak:.3f})"
 
 
@@ -126,8 +138,10 @@ def test_hand_worked_example():
     assert ep.expert_grad == 2 * 2 * 8 * 2
 
 
-def test_sinks_and_math_kernel_charge_the_probabilities():
-    cfg = SMALL.replace(attention=AttentionConfig(n_heads=4, n_kv_heads=2, sinks=True))
+def test_sinks_charge_the_probabilities():
     flash = estimate_activations(SMALL, "bf16", 512).saved_per_token["attention"]
-    sinks = estimate_activations(cfg, "bf16", 512).saved_per_token["attention"]
-    assert sinks - flash == 2 * 4 * 512 * 2  # 2 layers × H × S × b
+    sinks = estimate_activations(SINKS, "bf16", 512).saved_per_token["attention"]
+    # per layer (H 4, G 2, hd 16, S 512, b 2): flash keeps q, k, v, output and fp32 log-sum-exp;
+    # the sinks softmax keeps q and k, v repeated to 4 heads, the [S + 1] probabilities, the output.
+    assert flash == 2 * (((4 + 2 * 2) * 16 + 4 * 16) * 2 + 4 * 4)
+    assert sinks == 2 * (3 * 4 * 16 + 4 * 513 + 4 * 16) * 2

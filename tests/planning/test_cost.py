@@ -107,3 +107,14 @@ def test_fits_uses_the_headroom():
 def test_bad_requests_name_the_field(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         PlanRequest(**{"devices": 8, "device_memory": GIB, **kwargs})
+
+
+def test_recomputation_keeps_layer_inputs_and_repeats_the_exchanges():
+    cfg = small_config()
+    plain = layout_cost(cfg, PlanRequest(4, GIB, seq_len=256), Layout(4, 4, 1))
+    again = layout_cost(cfg, PlanRequest(4, GIB, seq_len=256, recompute=True), Layout(4, 4, 1))
+    assert again.memory["activations"] < plain.memory["activations"]
+    assert again.memory["weights"] == plain.memory["weights"]
+    assert again.comm["all_to_all"] * 2 == plain.comm["all_to_all"] * 3  # forward, backward, forward again
+    with pytest.raises(ConfigError, match="recompute applies to training only"):
+        PlanRequest(4, GIB, mode="infer", recompute=True)

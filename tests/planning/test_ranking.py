@@ -22,14 +22,17 @@ def test_ranked_fits_first_then_least_communication_per_token_then_leanest():
     assert len(result.layouts) == len(candidate_layouts(64, ParamSplit.from_config(cfg))) == 28
     groups = [0 if c.fits else 1 if c.fits_without_headroom else 2 for c in result.layouts]
     assert groups == sorted(groups)
-    for a, b in zip(result.layouts, result.layouts[1:], strict=False):
-        if a.fits == b.fits and a.fits_without_headroom == b.fits_without_headroom:
-            if a.fits_without_headroom:
-                assert a.comm_per_token <= b.comm_per_token
+    for i, a in enumerate(result.layouts):
+        for b in result.layouts[i + 1 :]:
+            if groups[result.layouts.index(b)] != groups[i]:
+                continue
+            if a.fits_without_headroom:  # never behind one that needs 5% more traffic or more
+                assert b.comm_per_token >= a.comm_per_token / 1.05
             else:
                 assert a.total <= b.total
     best = result.fitting[0]
-    # 64 experts-ways of EP, no ETP: the least traffic per token among the layouts that fit.
+    # 64-way EP, no ETP: the least traffic per token (dp64·ep32 moves 1.6% less, but needs
+    # 71.6 of the 72 usable GiB: within the 5% tolerance the leaner layout wins).
     assert (best.layout.dp, best.layout.ep, best.layout.etp) == (64, 64, 1)
     assert result.suggestions == []
 
@@ -68,13 +71,19 @@ def test_deepseek_v3_training_on_64_devices_does_not_fit_and_says_why():
     text = "\n".join(result.suggestions)
     assert "more devices alone cannot help" in text
     assert "pipeline parallelism" in text and "activation recomputation" in text
+    # ZeRO-3 with recomputation does fit on some number of devices, and planning there agrees.
+    n = int(
+        re.search(r"ZeRO-3 and recomputation together \(neither run by moekit\): fits on (\d+) devices", text).group(1)
+    )
+    req = PlanRequest(devices=n, device_memory=80 * GIB, zero3=True, recompute=True)
+    assert plan(get_preset("deepseek-v3"), req).fitting
 
 
 def test_lower_dtype_suggested_for_inference():
     cfg = get_preset("mixtral-8x7b")  # 46.7B parameters: 87 GiB at bf16, 43.5 GiB at fp8
     result = plan(cfg, PlanRequest(devices=1, device_memory=60 * GIB, mode="infer", seq_len=1024))
     assert not result.fitting
-    assert any(s.startswith("a lower dtype: fp8 fits") for s in result.suggestions)
+    assert any(s.startswith("a lower dtype, fp8: fits (") for s in result.suggestions)
     assert plan(cfg, PlanRequest(devices=1, device_memory=60 * GIB, mode="infer", dtype="fp8", seq_len=1024)).fitting
 
 
