@@ -194,7 +194,8 @@ def from_pretrained(
 
     Hugging Face model types: those whose record in ``moekit.interop.types`` is ``loadable``
     (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, kimi_k2; hub per-expert or transformers-5
-    fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of its embedding); buffers (the router's selection bias) stay fp32 as in transformers.
+    fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of its embedding);
+    buffers (the router's selection bias) stay fp32 as in transformers.
     ``device="meta"`` reads headers only. ``model.tokenizer`` is the folder's tokenizer or None.
     Raises ``CheckpointError`` / ``UnsupportedError`` / ``ConfigError`` (all ``MoekitError``).
     """
