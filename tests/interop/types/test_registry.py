@@ -135,3 +135,14 @@ def test_kimi_k2_checkpoints_load_as_deepseek_v3(tmp_path):
     ids = torch.arange(10).view(1, 10)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_ignored_tensors_rotary_caches_mtp_layers_and_patterns():
+    t = ModelType(
+        "demo", read=TYPES["mixtral"].read, ignored=(r"model\.layers\.\d+\.mlp\.gate\.e_score_correction_bias",)
+    )
+    ignore = t.ignore({"num_nextn_predict_layers": 1}, n_layers=2)
+    assert ignore("model.layers.0.self_attn.rotary_emb.inv_freq")
+    assert ignore("model.layers.2.mlp.experts.0.w1.weight")  # the MTP layer after the last one
+    assert not ignore("model.layers.1.mlp.experts.0.w1.weight") and not ignore("model.layers.3.mlp.gate.weight")
+    assert ignore("model.layers.1.mlp.gate.e_score_correction_bias")
