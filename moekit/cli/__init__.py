@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MoekitError as e:
-        print(f"moekit {args.command}: error: {e}", file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says why
+            print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `moekit params X --json | head`: the reader left, not an error
         import os

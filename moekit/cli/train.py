@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from moekit.config import ConfigError
 from moekit.training.config import make_run_config, parse_assignments
+from moekit.training.distributed import Distributed, NonFiniteLoss
 from moekit.training.loop import train
 from moekit.training.progress import RichProgress
 
@@ -35,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--force", action="store_true", help="start over, replacing the run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    par = p.add_argument_group(
+        "several processes (launch with torchrun --nproc-per-node N -m moekit train ...; no flags: data parallel)"
+    )
+    par.add_argument("--ep", type=int, help="expert-parallel group size: ranks sharing out the experts (divides N)")
+    par.add_argument("--etp", type=int, help="expert tensor-parallel size: ranks slicing each expert's width")
+    par.add_argument("--backend", default="auto", help="torch.distributed backend: gloo, nccl or auto (default)")
     p.set_defaults(func=run)
 
 
@@ -47,10 +56,30 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--resume without --preset/--config uses the run's own config; --set and --data cannot change it"
         )
-    progress = None if args.quiet else RichProgress("train")
-    result = train(
-        cfg, args.out, resume=args.resume, force=args.force, steps=args.steps, device=args.device, callback=progress
-    )
+    parallel = Distributed(ep=args.ep, etp=args.etp, backend=args.backend)
+    if not parallel.is_main:
+        warnings.simplefilter("ignore")  # rank 0 alone speaks; the others would repeat it
+    try:
+        progress = None if args.quiet or not parallel.is_main else RichProgress("train")
+        try:
+            result = train(
+                cfg,
+                args.out,
+                resume=args.resume,
+                force=args.force,
+                steps=args.steps,
+                device=args.device,
+                callback=progress,
+                parallel=parallel,
+            )
+        except NonFiniteLoss as e:
+            if parallel.is_main:
+                print(f"moekit train: {e}", file=sys.stderr)
+            return 1
+    finally:
+        parallel.close()
+    if not parallel.is_main:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(
             f"interrupted at step {result.step}; checkpoint {result.checkpoint}\n"

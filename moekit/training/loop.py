@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from moekit.accounting import account
-from moekit.balancing import balance_terms, max_vio, routing_stats, update_selection_bias
+from moekit.balancing import balance_terms, chosen_counts, max_vio, routing_stats, update_selection_bias
 from moekit.config import ConfigError
 from moekit.errors import MoekitError
 from moekit.models.transformer import MoETransformer
@@ -48,6 +48,7 @@ from moekit.training.checkpoint import (
 )
 from moekit.training.config import RunConfig
 from moekit.training.data import Corpus, TrainBatches, load_corpus, val_batches
+from moekit.training.distributed import Distributed, NonFiniteLoss
 from moekit.training.metrics import METRICS_FILE, MetricsLog, read_metrics
 from moekit.training.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, tokenize
 
@@ -201,15 +202,18 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, batches: list[Tensor], device: torch.device) -> dict[str, Any]:
+def evaluate(
+    model: MoETransformer, batches: list[Tensor], device: torch.device, parallel: Distributed | None = None
+) -> dict[str, Any]:
     """Mean validation loss over ``batches``, and each MoE layer's expert load (shares of the
-    routed assignments) with its MaxVio; the model is left in the mode it was in."""
+    routed assignments) with its MaxVio; the model is left in the mode it was in. With ``parallel``
+    each rank evaluates its rows and the sums are reduced (collective)."""
     was_training = model.training
     model.eval()
     total, n_targets = 0.0, 0
     counts: list[Tensor] = []
     for batch in batches:
-        batch = batch.to(device)
+        batch = (parallel.shard_batch(batch) if parallel else batch).to(device)
         with _autocast(device):
             out = model(batch, labels=batch)
         n = batch.shape[0] * (batch.shape[1] - 1)
@@ -218,6 +222,10 @@ def evaluate(model: MoETransformer, batches: list[Tensor], device: torch.device)
         layer_counts = [r.counts_E.double().cpu() for r in out.routing]
         counts = layer_counts if not counts else [a + b for a, b in zip(counts, layer_counts, strict=True)]
     model.train(was_training)
+    if parallel is not None and parallel.reduce is not None:  # sums over ranks (etp copies cancel out)
+        sums = parallel.reduce(torch.tensor([total, float(n_targets)], dtype=torch.float64))
+        total, n_targets = float(sums[0]), float(sums[1])
+        counts = [parallel.reduce(c) for c in counts]
     loads = [(c / c.sum().clamp_min(1)).tolist() for c in counts]
     vio = sum(max_vio(c) for c in counts) / len(counts) if counts else None
     return {"val_loss": total / n_targets, "expert_load": loads, "max_vio": vio}
@@ -292,35 +300,45 @@ def train(
     steps: int | None = None,
     device: str | None = None,
     callback: TrainCallback | None = None,
+    parallel: Distributed | None = None,
 ) -> TrainResult:
-    """Train ``run`` into directory ``out`` (see ``resolve_run`` for --resume / --force)."""
+    """Train ``run`` into directory ``out`` (see ``resolve_run`` for --resume / --force).
+
+    ``parallel`` (``moekit.training.distributed``): this process's part in a torchrun launch;
+    only its rank 0 writes files and calls ``callback``.
+    """
     out = Path(out)
-    run = resolve_run(out, run, resume=resume, force=force, steps=steps)
-    dev = resolve_device(device)
-    cb = callback or TrainCallback()
+    par = parallel or Distributed()
+    run = par.together(lambda: resolve_run(out, run, resume=resume, force=force, steps=steps))
+    par.together(lambda: par.setup(run.model, run.train.batch_size))
+    dev = resolve_device(par.device(device))
+    cb = (callback or TrainCallback()) if par.is_main else TrainCallback()
     t = run.train
     ckpt = latest_checkpoint(out) if resume else None
     tokenizer = read_tokenizer(out, run) if resume and (out / CONFIG_FILE).exists() else None
-    data = prepare_data(run, tokenizer)
+    data = par.main_first(lambda: prepare_data(run, tokenizer))  # rank 0 fills the caches
     batches = TrainBatches(data.train_tokens, t.batch_size, t.seq_len, t.seed)
     val = val_batches(data.val_tokens, t.batch_size, t.seq_len, t.eval_batches)
-    if force:  # only once the new run is known to start: a bad config or corpus keeps the old run
-        _clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run.to_json(out / CONFIG_FILE)
     tokenizer_json = data.tokenizer.to_str() if isinstance(data.tokenizer, BPETokenizer) else None
-    if tokenizer_json is not None:
-        (out / TOKENIZER_FILE).write_text(tokenizer_json)
+    par.barrier()  # every rank has read the old run folder before rank 0 changes it
+    if par.is_main:
+        if force:  # only once the new run is known to start: a bad config or corpus keeps the old run
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        run.to_json(out / CONFIG_FILE)
+        if tokenizer_json is not None:
+            (out / TOKENIZER_FILE).write_text(tokenizer_json)
 
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     model = MoETransformer(run.model).to(dev)
     model.train()
-    opt = build_optimizer(model, run)
     step, position, elapsed = 0, 0, 0.0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, dev)
-        opt.load_state_dict(state["optimizer"])
+    state = load_checkpoint(ckpt, model, dev) if ckpt is not None else None  # full weights, any layout
+    model = par.parallelize(model)
+    opt = build_optimizer(model, run)
+    if state is not None:
+        par.load_optimizer_state(model, opt, state["optimizer"])
         _set_rng_state(state["rng"])
         step, position, elapsed = state["step"], state["position"], state["elapsed_s"]
         if state["corpus_digest"] != data.corpus.digest:
@@ -328,13 +346,18 @@ def train(
                 f"the training text changed since {ckpt} was written; the resumed run will not match an uninterrupted one",
                 stacklevel=2,
             )
-    metrics = MetricsLog(out / METRICS_FILE, resume_step=step if resume else None)
+    metrics = MetricsLog(out / METRICS_FILE, resume_step=step if resume else None) if par.is_main else None
     moe = run.model.moe
 
     def save() -> Path:
         state = {"step": step, "position": position, "elapsed_s": elapsed, "corpus_digest": data.corpus.digest}
-        state.update(optimizer=opt.state_dict(), rng=_rng_state())
-        return save_checkpoint(out, step, model, state, t.keep_checkpoints, tokenizer_json)
+        state.update(optimizer=par.optimizer_state(model, opt), rng=_rng_state())
+        tensors = par.model_state(model)  # gathered: global expert ids, whatever the layout
+        path = checkpoint_dir(out) / f"step_{step:07d}"
+        if par.is_main:
+            path = save_checkpoint(out, step, model, state, t.keep_checkpoints, tokenizer_json, tensors=tensors)
+        par.barrier()
+        return path
 
     cb.on_start(step, t.steps)
     tokens_per_step = t.batch_size * t.seq_len
@@ -343,33 +366,40 @@ def train(
     try:
         with _StopOnSignal() as stop:
             while step < t.steps:
-                if stop.signum is not None:
+                if par.should_stop(stop.signum is not None):  # decided together: every rank saves
                     return TrainResult(out, step, True, save(), None)
                 t0 = time.perf_counter()
                 lr = lr_at(step, run)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                batch = batches.batch(position).to(dev)
+                batch = par.shard_batch(batches.batch(position)).to(dev)  # this rank's rows
                 with _autocast(dev):
                     output = model(batch, labels=batch)
-                terms = balance_terms(output.routing, moe) if moe is not None else {}
+                terms = balance_terms(output.routing, moe, par.reduce) if moe is not None else {}
                 aux = sum(terms.values()) if terms else torch.zeros((), device=dev)
+                if par.should_stop(not bool(torch.isfinite(output.loss.detach() + aux.detach()))):
+                    raise NonFiniteLoss(
+                        f"the loss is not finite at step {step + 1}; stopped without saving "
+                        f"(last checkpoint: {saved_at or 'none'})"
+                    )
                 opt.zero_grad(set_to_none=True)
                 (output.loss + aux).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+                par.sync_gradients(model)
+                grad_norm = par.clip_grad_norm_(model, t.grad_clip) if t.grad_clip > 0 else None
                 opt.step()
                 if moe is not None and moe.aux_free_rate > 0:
-                    update_selection_bias(model, output.routing)
+                    update_selection_bias(model, par.global_loads([chosen_counts(r)[0] for r in output.routing]))
                 step += 1
                 position += t.batch_size
                 elapsed += time.perf_counter() - t0
                 record = None
+                a2a = par.all_to_all_metrics(model)
                 if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
                     stats = routing_stats(output.routing, output.moe_layer_ids) if output.routing else {}
                     record = {
                         "step": step,
-                        "loss": float(output.loss.detach()),
-                        "aux_loss": float(aux.detach()),
+                        "loss": par.mean(output.loss),
+                        "aux_loss": par.mean(aux),
                         "lr": lr,
                         "tokens_per_s": (step - last_log_step)
                         * tokens_per_step
@@ -378,18 +408,20 @@ def train(
                         "grad_norm": None if grad_norm is None else float(grad_norm),
                         "tokens": position * t.seq_len,
                         "elapsed_s": elapsed,
+                        **a2a,
                     }
                     if step % t.eval_every == 0 or step == t.steps:
-                        ev = evaluate(model, val, dev)
+                        ev = evaluate(model, val, dev, par)
                         record.update(val_loss=ev["val_loss"], expert_load=ev["expert_load"])
-                    metrics.append(record)
+                    if metrics is not None:
+                        metrics.append(record)
                     last_log_elapsed, last_log_step = elapsed, step
                 if step % t.ckpt_every == 0 or step == t.steps:
                     saved_at = save()
                 cb.on_step(step, record)
     finally:
         cb.on_end()
-    summary = write_summary(out, run, model, val, dev, step, elapsed, data)
+    summary = write_summary(out, run, model, val, dev, step, elapsed, data, par)
     return TrainResult(out, step, False, saved_at, summary)
 
 
@@ -402,9 +434,10 @@ def write_summary(
     step: int,
     elapsed: float,
     data: RunData,
+    parallel: Distributed | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the final model and write ``summary.json``."""
-    ev = evaluate(model, val, dev)
+    """Evaluate the final model and write ``summary.json`` (rank 0 writes; every rank evaluates)."""
+    ev = evaluate(model, val, dev, parallel)
     report = account(run.model, seq_len=run.train.seq_len).to_dict()
     logged = [r for r in read_metrics(out / METRICS_FILE) if "loss" in r]
     summary = {
@@ -425,7 +458,10 @@ def write_summary(
         "train_corpus_tokens": int(len(data.train_tokens)),
         "val_corpus_tokens": int(len(data.val_tokens)),
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if parallel is not None and parallel.active:
+        summary["layout"] = parallel.layout.to_dict()
+    if parallel is None or parallel.is_main:
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
