@@ -64,10 +64,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory measurement")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart of time relative to dense")
     p.add_argument("--save", metavar="FILE", help="also write the --json rows to FILE")
+    p.add_argument(
+        "--ep",
+        type=positive_int,
+        help="instead: a training step at 1 and at EP expert-parallel processes (gloo), with per-layer "
+        "all-to-all bytes and time",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ep is not None:
+        return run_ep(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     selected = [shapes[name] for name in args.shape] if args.shape else list(shapes.values())
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
@@ -233,3 +241,18 @@ def _print_table(rows: list[BenchRow], plot: str | None) -> None:
     if plot:
         notes.append(f"Plot written to {plot}.")
     console.print("\n".join(notes))
+
+
+def run_ep(args: argparse.Namespace) -> int:
+    from moekit.parallel.bench import format_report, run_ep_bench
+
+    steps = args.repeats or (QUICK_REPEATS if args.quick else 5)
+    results = run_ep_bench(args.ep, steps=steps, quick=args.quick, threads=args.threads)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(format_report(results))
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump([r.to_dict() for r in results], f, indent=2)
+    return 0

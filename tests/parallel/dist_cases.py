@@ -136,7 +136,17 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
     for step in range(3):
         ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
         out_r, loss_r, x_r = step_loss(ref, ids, moe)
+        dispatchers = [b.ffn.dispatcher for b in par.layers if b.is_moe]
+        for d in dispatchers:
+            if hasattr(d, "stats"):
+                d.stats.reset()
         out_p, loss_p, x_p = step_loss(par, ids[rows], moe, all_reduce_sum)
+        if step == 0 and layout.ep > 1:  # forward bytes: rows to other ranks' experts, and their outputs back
+            es = par.layers[0].ffn.experts.shard.experts
+            off_rank = sum(int(r.counts_E.sum() - r.counts_E[es].sum()) for r in out_p.routing)
+            sent = all_reduce_sum(torch.tensor(float(sum(d.stats.bytes_sent for d in dispatchers))))
+            expected = all_reduce_sum(torch.tensor(2.0 * off_rank * cfg.d_model * 4))
+            res["a2a_bytes"] = [float(sent), float(expected)]
         for opt in (opt_ref, opt_par):
             opt.zero_grad(set_to_none=True)
         loss_r.backward()

@@ -45,6 +45,12 @@ def test_layouts_equal_one_process(results):
         assert r["params_after"] <= 1e-4, (name, "params after 3 steps", r["params_after"])
 
 
+def test_all_to_all_bytes_are_the_rows_that_change_rank(results):
+    measured = {n: r["a2a_bytes"] for n, r in results.items() if "a2a_bytes" in r}
+    assert measured and all(sent == expected > 0 or "zero-token-rank" in n for n, (sent, expected) in measured.items())
+    assert all(sent == expected for sent, expected in measured.values()), measured
+
+
 def test_zero_token_expert_and_rank(results):
     cases = [n for n in results if "zero-token" in n]
     if "dp2" in results:
