@@ -13,6 +13,10 @@ One optimiser step: LM loss + the configured balance losses (``moekit.balancing.
 bf16 autocast on CUDA, plain fp32 on CPU. SIGINT/SIGTERM finish the current step, write a
 checkpoint and return; resuming restores weights, optimiser, RNG states and the data position,
 so on CPU the resumed loss sequence equals the uninterrupted one exactly.
+
+Several processes (torchrun): the hooks of ``moekit.training.distributed.Distributed`` (no-ops in
+one process) shard each global batch, sync gradients, reduce balance-loss loads, decide stops
+together and let rank 0 alone write.
 """
 
 from __future__ import annotations
@@ -254,16 +258,25 @@ class TrainResult:
 
 
 class _StopOnSignal:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one interrupts at once."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one interrupts at once.
+
+    A second signal within ``GRACE_S`` of the first counts as the same request: under torchrun,
+    Ctrl-C reaches every worker from the terminal and again from the launcher, which forwards it.
+    """
+
+    GRACE_S = 2.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+            if time.monotonic() - self._first_at > self.GRACE_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first_at = signum, time.monotonic()
 
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
