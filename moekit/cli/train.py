@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(
             f"interrupted at step {result.step}; checkpoint {result.checkpoint}\n"
-            f"continue with: moekit train --resume --out {args.out}"
+            f"continue with: {parallel.relaunch_prefix()}moekit train --resume --out {args.out}{parallel.flags()}"
         )
         return 130
     s = result.summary

@@ -80,6 +80,8 @@ def parallelize(model: nn.Module, layout: Layout, groups: ProcessGroups | None =
     for module in model.modules():
         if not isinstance(module, MoE):
             continue
+        if module.impl == "reference":
+            raise ConfigError("impl 'reference' (the masked loop over all experts) runs in one process only")
         _shard_experts(module.experts, layout, groups)
         if groups.ep is not None:
             module.dispatcher = AllToAllDispatcher(

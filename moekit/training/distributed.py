@@ -102,6 +102,13 @@ class Distributed:
             return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         return requested
 
+    def relaunch_prefix(self) -> str:
+        """How this run was launched, for "continue with" hints ("" in one process)."""
+        return f"torchrun --nproc-per-node {self.world_size} -m " if self.world_size > 1 else ""
+
+    def flags(self) -> str:
+        return "".join(f" --{k} {v}" for k, v in (("ep", self.ep), ("etp", self.etp)) if v is not None)
+
     def close(self) -> None:
         if self.started and dist.is_initialized():
             dist.destroy_process_group()

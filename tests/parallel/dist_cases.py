@@ -17,7 +17,15 @@ import torch.distributed as dist
 from moekit.balancing import balance_terms, chosen_counts, update_selection_bias
 from moekit.config import AttentionConfig, ModelConfig, MoEConfig
 from moekit.models.transformer import MoETransformer
-from moekit.parallel import Layout, all_reduce_sum, clip_grad_norm_, full_state_dict, parallelize, sync_gradients
+from moekit.parallel import (
+    Layout,
+    all_reduce_sum,
+    clip_grad_norm_,
+    full_state_dict,
+    parallelize,
+    rank_parameters,
+    sync_gradients,
+)
 from moekit.parallel.apply import expert_shards
 from moekit.parallel.state import _gather_full
 
@@ -174,6 +182,10 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
         if moe.aux_free_rate > 0:
             update_selection_bias(ref, out_r.routing)
             update_selection_bias(par, [all_reduce_sum(chosen_counts(r)[0]) for r in out_p.routing])
+    # What each rank holds: everything but the routed experts, plus 1/(ep*etp) of them.
+    experts = sum(p.numel() for n, p in ref.named_parameters() if ".experts." in n)
+    expected = sum(p.numel() for p in ref.parameters()) - experts + experts // (layout.ep * layout.etp)
+    res["rank_params"] = [rank_parameters(par)["params"], expected]
     sd_ref, sd_par = ref.state_dict(), full_state_dict(par)
     res["params_after"] = max(rel(sd_par[k], sd_ref[k]) for k in sd_ref)
     return res

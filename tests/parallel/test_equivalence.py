@@ -51,6 +51,13 @@ def test_all_to_all_bytes_are_the_rows_that_change_rank(results):
     assert all(sent == expected for sent, expected in measured.values()), measured
 
 
+def test_each_rank_holds_its_share_of_the_experts(results):
+    for name, r in results.items():
+        if "rank_params" in r:
+            held, expected = r["rank_params"]
+            assert held == expected, name
+
+
 def test_zero_token_expert_and_rank(results):
     cases = [n for n in results if "zero-token" in n]
     if "dp2" in results:
