@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moekit.balancing import chosen_counts, max_vio
 from moekit.config import ConfigError, ModelConfig
 from moekit.errors import MoekitError
 from moekit.parallel import (
@@ -187,6 +188,13 @@ class Distributed:
     def global_loads(self, loads: list[Tensor]) -> list[Tensor]:
         """Expert loads summed over ranks (the aux-free bias must be the same on every rank)."""
         return [all_reduce_sum(x) for x in loads] if self.started else loads
+
+    def global_max_vio(self, routings: list, local: float | None) -> float | None:
+        """MaxVio (mean over MoE layers) of the global batch's loads; ``local`` in one process."""
+        if not self.started or not routings:
+            return local
+        loads = self.global_loads([chosen_counts(r)[0] for r in routings])
+        return sum(max_vio(c) for c in loads) / len(loads)
 
     def mean(self, value: Tensor) -> float:
         """A scalar averaged over ranks (the etp copies of a micro-batch count alike)."""

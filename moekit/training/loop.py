@@ -417,7 +417,7 @@ def train(
                         "tokens_per_s": (step - last_log_step)
                         * tokens_per_step
                         / max(elapsed - last_log_elapsed, 1e-9),
-                        "max_vio": stats.get("max_vio"),
+                        "max_vio": par.global_max_vio(output.routing, stats.get("max_vio")),
                         "grad_norm": None if grad_norm is None else float(grad_norm),
                         "tokens": position * t.seq_len,
                         "elapsed_s": elapsed,

@@ -83,6 +83,7 @@ def test_readme_command_trains_like_one_process(corpus, tmp_path, monkeypatch, t
     for a, b in zip(many, single, strict=False):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["max_vio"] == pytest.approx(b["max_vio"], rel=1e-5)  # of the global batch, not rank 0's rows
         assert a["a2a_bytes"] > 0 and a["a2a_s"] >= 0
     # The checkpoint holds whole tensors under global expert ids: one process's names and shapes.
     w_one = load_file(one_dir / "checkpoints" / f"step_{steps:07d}" / "model.safetensors")
