@@ -21,13 +21,12 @@ from moekit.parallel import (
     Layout,
     all_reduce_sum,
     clip_grad_norm_,
+    full_gradients,
     full_state_dict,
     parallelize,
     rank_parameters,
     sync_gradients,
 )
-from moekit.parallel.apply import expert_shards
-from moekit.parallel.state import _gather_full
 
 B, S = 8, 6  # global batch
 
@@ -119,16 +118,6 @@ def step_loss(model, ids, moe, reduce=None):
     return out, out.loss + sum(terms.values()), seen["x"]
 
 
-def full_grads(model) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    groups = getattr(model, "_moekit_parallel", None)
-    if groups is not None:
-        for prefix, ex in expert_shards(model):
-            for name in ("w1", "w3", "w2"):
-                grads[f"{prefix}.{name}"] = _gather_full(getattr(ex, name).grad, name, ex, groups)
-    return grads
-
-
 def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
     cfg = model_cfg(**moe_kw)
     moe = cfg.moe
@@ -165,7 +154,7 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
         if step == 0:
             res["logits"] = rel(out_p.logits.detach(), out_r.logits.detach()[rows])
             res["input_grad"] = rel(x_p.grad / layout.dp, x_r.grad[rows])
-            gr, gp = full_grads(ref), full_grads(par)
+            gr, gp = full_gradients(ref), full_gradients(par)
             res["grads"] = {n: rel(gp[n], gr[n]) for n in gr}
             res["none_grads"] = sorted(n for n, p in par.named_parameters() if p.grad is None)
             if unpicked:  # their experts' gradients must be exactly zero (and present)
