@@ -165,6 +165,12 @@ def format_report(results: list[EPBenchResult]) -> str:
     base, last = results[0], results[-1]
     if len(results) > 1:
         lines.append(f"step time {last.processes} processes / 1 process: {last.step_ms / base.step_ms:.2f}")
+    if base.threads_per_process != last.threads_per_process:
+        lines.append(
+            f"NOTE: 1 process ran {base.threads_per_process} threads, {last.processes} ran "
+            f"{last.threads_per_process} each; on a busy machine OpenMP threads can spin against each other "
+            "(10-50x slower), so compare with --threads 1 too."
+        )
     if last.processes > last.cores or last.processes * last.threads_per_process > last.cores:
         lines.append(
             f"NOTE: {last.processes} processes on {last.cores} cores measure oversubscription, not a speed-up."

@@ -21,7 +21,9 @@ def test_report_says_when_processes_outnumber_cores():
     assert "step time 4 processes / 1 process: 1.50" in text
     assert "oversubscription" in text
     assert "1 2" in text  # KiB per layer
-    assert "oversubscription" not in format_report([result(1, 2, 2, 100.0), result(2, 1, 2, 80.0)])
+    fair = format_report([result(1, 2, 2, 100.0), result(2, 1, 2, 80.0)])
+    assert "oversubscription" not in fair
+    assert "compare with --threads 1" in fair  # different thread counts are called out
 
 
 @pytest.mark.parametrize("ep", [3, 32])
