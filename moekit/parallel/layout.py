@@ -35,11 +35,12 @@ class Layout:
     @classmethod
     def for_world(cls, world_size: int, ep: int | None = None, etp: int | None = None) -> Layout:
         """The layout of ``world_size`` processes: ``dp = world_size / etp``; no flags is plain DP."""
-        etp = 1 if etp is None else etp
+        ep, etp = 1 if ep is None else ep, 1 if etp is None else etp
+        _check_int("ep", ep)
         _check_int("etp", etp)
         if world_size % etp:
             raise ConfigError(f"etp ({etp}) must divide the number of processes ({world_size}): world = dp x etp")
-        return cls(dp=world_size // etp, ep=1 if ep is None else ep, etp=etp)
+        return cls(dp=world_size // etp, ep=ep, etp=etp)
 
     def validate(self, world_size: int, n_routed_experts: int | None, expert_ffn_dim: int | None) -> None:
         """Raise ``ConfigError`` naming the field unless this layout fits the world and the model."""

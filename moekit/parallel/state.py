@@ -152,6 +152,17 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return sd
 
 
+def full_gradients(model: nn.Module) -> dict[str, Tensor | None]:
+    """Every parameter's gradient by name, expert ones gathered whole (for checks). Collective."""
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    groups = parallel_groups(model)
+    if groups is not None:
+        for key, name, ex in _expert_param_names(model).values():
+            grad = getattr(ex, name).grad
+            grads[key] = None if grad is None else _gather_full(grad, name, ex, groups)
+    return grads
+
+
 def _opt_params(opt: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for g in opt.param_groups for p in g["params"]]
 

@@ -17,9 +17,16 @@ import torch.distributed as dist
 from moekit.balancing import balance_terms, chosen_counts, update_selection_bias
 from moekit.config import AttentionConfig, ModelConfig, MoEConfig
 from moekit.models.transformer import MoETransformer
-from moekit.parallel import Layout, all_reduce_sum, clip_grad_norm_, full_state_dict, parallelize, sync_gradients
-from moekit.parallel.apply import expert_shards
-from moekit.parallel.state import _gather_full
+from moekit.parallel import (
+    Layout,
+    all_reduce_sum,
+    clip_grad_norm_,
+    full_gradients,
+    full_state_dict,
+    parallelize,
+    rank_parameters,
+    sync_gradients,
+)
 
 B, S = 8, 6  # global batch
 
@@ -111,16 +118,6 @@ def step_loss(model, ids, moe, reduce=None):
     return out, out.loss + sum(terms.values()), seen["x"]
 
 
-def full_grads(model) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    groups = getattr(model, "_moekit_parallel", None)
-    if groups is not None:
-        for prefix, ex in expert_shards(model):
-            for name in ("w1", "w3", "w2"):
-                grads[f"{prefix}.{name}"] = _gather_full(getattr(ex, name).grad, name, ex, groups)
-    return grads
-
-
 def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
     cfg = model_cfg(**moe_kw)
     moe = cfg.moe
@@ -136,7 +133,17 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
     for step in range(3):
         ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
         out_r, loss_r, x_r = step_loss(ref, ids, moe)
+        dispatchers = [b.ffn.dispatcher for b in par.layers if b.is_moe]
+        for d in dispatchers:
+            if hasattr(d, "stats"):
+                d.stats.reset()
         out_p, loss_p, x_p = step_loss(par, ids[rows], moe, all_reduce_sum)
+        if step == 0 and layout.ep > 1:  # forward bytes: rows to other ranks' experts, and their outputs back
+            es = par.layers[0].ffn.experts.shard.experts
+            off_rank = sum(int(r.counts_E.sum() - r.counts_E[es].sum()) for r in out_p.routing)
+            sent = all_reduce_sum(torch.tensor(float(sum(d.stats.bytes_sent for d in dispatchers))))
+            expected = all_reduce_sum(torch.tensor(2.0 * off_rank * cfg.d_model * 4))
+            res["a2a_bytes"] = [float(sent), float(expected)]
         for opt in (opt_ref, opt_par):
             opt.zero_grad(set_to_none=True)
         loss_r.backward()
@@ -147,7 +154,7 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
         if step == 0:
             res["logits"] = rel(out_p.logits.detach(), out_r.logits.detach()[rows])
             res["input_grad"] = rel(x_p.grad / layout.dp, x_r.grad[rows])
-            gr, gp = full_grads(ref), full_grads(par)
+            gr, gp = full_gradients(ref), full_gradients(par)
             res["grads"] = {n: rel(gp[n], gr[n]) for n in gr}
             res["none_grads"] = sorted(n for n, p in par.named_parameters() if p.grad is None)
             if unpicked:  # their experts' gradients must be exactly zero (and present)
@@ -164,6 +171,10 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
         if moe.aux_free_rate > 0:
             update_selection_bias(ref, out_r.routing)
             update_selection_bias(par, [all_reduce_sum(chosen_counts(r)[0]) for r in out_p.routing])
+    # What each rank holds: everything but the routed experts, plus 1/(ep*etp) of them.
+    experts = sum(p.numel() for n, p in ref.named_parameters() if ".experts." in n)
+    expected = sum(p.numel() for p in ref.parameters()) - experts + experts // (layout.ep * layout.etp)
+    res["rank_params"] = [rank_parameters(par)["params"], expected]
     sd_ref, sd_par = ref.state_dict(), full_state_dict(par)
     res["params_after"] = max(rel(sd_par[k], sd_ref[k]) for k in sd_ref)
     return res

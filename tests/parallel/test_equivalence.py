@@ -7,10 +7,6 @@ experts and ranks. ``dist_cases.py`` runs all cases of one world size in one tor
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,32 +15,15 @@ HERE = Path(__file__).parent
 TOL = 1e-5
 
 
-def torchrun(world: int, args: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node world ARGS``; on a timeout the whole process group
-    (launcher and workers) is killed, so a hang fails the test instead of leaving processes behind."""
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent), "PYTHONWARNINGS": "ignore", **env}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *args]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"torchrun {args} hung for {timeout} s:\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def launch(world: int, out: Path) -> dict:
+def launch(torchrun, world: int, out: Path) -> dict:
     proc = torchrun(world, [str(HERE / "dist_cases.py"), str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
-def results(request, tmp_path_factory):
-    return launch(request.param, tmp_path_factory.mktemp("dist") / "results.json")
+def results(request, tmp_path_factory, torchrun):
+    return launch(torchrun, request.param, tmp_path_factory.mktemp("dist") / "results.json")
 
 
 def test_layouts_equal_one_process(results):
@@ -64,6 +43,19 @@ def test_layouts_equal_one_process(results):
             assert abs(par - ref) <= TOL * ref, (name, "global grad norm", r["grad_norm"])
         # Adam divides by sqrt of tiny second moments, which magnifies 1e-7 gradient differences.
         assert r["params_after"] <= 1e-4, (name, "params after 3 steps", r["params_after"])
+
+
+def test_all_to_all_bytes_are_the_rows_that_change_rank(results):
+    measured = {n: r["a2a_bytes"] for n, r in results.items() if "a2a_bytes" in r}
+    assert measured and all(sent == expected > 0 or "zero-token-rank" in n for n, (sent, expected) in measured.items())
+    assert all(sent == expected for sent, expected in measured.values()), measured
+
+
+def test_each_rank_holds_its_share_of_the_experts(results):
+    for name, r in results.items():
+        if "rank_params" in r:
+            held, expected = r["rank_params"]
+            assert held == expected, name
 
 
 def test_zero_token_expert_and_rank(results):
