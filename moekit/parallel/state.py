@@ -83,7 +83,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
 
 
 def _sq_sum(params: list[nn.Parameter]) -> Tensor:
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=_comm_device())
     return sum((p.grad.double().square().sum() for p in params if p.grad is not None), zero)
 
 
@@ -92,9 +92,16 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     balance losses normalise, so the etp copies of a micro-batch do not change the result."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return t
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t
+    out = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def _comm_device() -> torch.device:
+    """Where collectives need their tensors: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # State --------------------------------------------------------------------------------------------

@@ -258,8 +258,8 @@ class Distributed:
         ]
         if not stats:
             return {}
-        nbytes = torch.tensor([float(sum(s.bytes_sent for s in stats))])
-        seconds = torch.tensor([sum(s.seconds for s in stats)])
+        nbytes = torch.tensor([float(sum(s.bytes_sent for s in stats))], device=self._comm_device())
+        seconds = torch.tensor([sum(s.seconds for s in stats)], device=self._comm_device())
         for s in stats:
             s.reset()
         dist.all_reduce(nbytes)

@@ -73,6 +73,12 @@ CASES = {
         ("dp2-ep2-sigmoid-groups-auxfree", Layout(dp=2, ep=2), SIGMOID, ()),
         ("etp2", Layout(dp=1, etp=2), SHARED, ()),
         ("etp2-sigmoid-groups-auxfree", Layout(dp=1, etp=2), SIGMOID, ()),
+        (
+            "dp2-ep2-hash",
+            Layout(dp=2, ep=2),
+            dict(router="hash", aux_loss_coef=0.0, device_loss_coef=0.0, z_loss_coef=0.0),
+            (),
+        ),
         ("dp2-ep2-zero-token-expert", Layout(dp=2, ep=2), dict(router_bias=True), (0,)),
         ("dp2-ep2-zero-token-rank", Layout(dp=2, ep=2), dict(router_bias=True), (4, 5, 6, 7)),
     ],
