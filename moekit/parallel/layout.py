@@ -9,6 +9,9 @@ copies. ``ep`` must divide the routed experts and ``etp`` the expert width.
 Rank numbering: ``rank = dp_index * etp + etp_index``; within one ``etp_index`` column, data
 ranks ``dp_index`` form expert-parallel groups of ``ep`` consecutive ranks, ``ep_rank = dp_index
 % ep``. ``RankCoords`` names a rank's place; ``expert_slice`` what part of the experts it holds.
+
+Plain data (no torch, no process groups): ``moekit.planning`` counts and costs the same layouts
+without starting anything.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.dp * self.etp
+
+    def text(self) -> str:
+        """A short name for tables and messages, e.g. ``dp4·ep2·etp1``."""
+        return f"dp{self.dp}·ep{self.ep}·etp{self.etp}"
 
     @classmethod
     def for_world(cls, world_size: int, ep: int | None = None, etp: int | None = None) -> Layout:
