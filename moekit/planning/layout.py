@@ -2,9 +2,10 @@
 
 ``Layout(dp, ep, etp)`` (defined once, as plain data, in ``moekit.parallel.layout``) runs on
 ``world = dp × etp`` ranks; ``ep`` divides ``dp`` and the routed experts, ``etp`` divides the
-expert width F. Each rank holds ``E / ep`` routed experts of every MoE layer, each sliced to ``F / etp`` (w1/w3 by output rows, w2 by input columns, b1/b3 sliced, b2
-whole; partial sums all-reduced over the etp group, distributed-llama style). Everything else
-(embedding, attention, norms, routers, shared experts, dense FFNs, head) is replicated on every
+expert width F. Each rank holds ``E / ep`` routed experts of every MoE layer, each sliced to
+``F / etp`` (w1/w3 by output rows, w2 by input columns, b1/b3 sliced, b2 whole; partial sums
+all-reduced over the etp group, distributed-llama style). Everything else (embedding, attention,
+norms, routers, shared experts, dense FFNs, head) is replicated on every
 rank (DDP semantics). The etp ranks of a group see the same tokens.
 
 Pure functions over plain ints, so the counts can be checked against a model the parallel code

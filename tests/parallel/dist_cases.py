@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,10 @@ from moekit.parallel import (
     rank_parameters,
     sync_gradients,
 )
+from moekit.planning import rank_parameter_split
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_train_cases import run_train_cases  # noqa: E402 (this folder is no package)
 
 B, S = 8, 6  # global batch
 
@@ -181,6 +186,11 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
     experts = sum(p.numel() for n, p in ref.named_parameters() if ".experts." in n)
     expected = sum(p.numel() for p in ref.parameters()) - experts + experts // (layout.ep * layout.etp)
     res["rank_params"] = [rank_parameters(par)["params"], expected]
+    held = rank_parameters(par)  # ... and what moekit.planning counts for this rank
+    res["planned_params"] = [
+        [held["replicated_params"], held["expert_params"]],
+        list(rank_parameter_split(cfg, layout)),
+    ]
     sd_ref, sd_par = ref.state_dict(), full_state_dict(par)
     res["params_after"] = max(rel(sd_par[k], sd_ref[k]) for k in sd_ref)
     return res
@@ -202,6 +212,36 @@ def run_capacity(name, layout, rank) -> dict:
     return {"same_keep": same_keep, "dropped": dropped, "logits": rel(out_p.logits, out_r.logits)}
 
 
+PLANNED = {  # more shapes for the planning cross-check: dense first layer, tied embeddings, expert biases
+    "shared+dense": ModelConfig(
+        vocab_size=97, d_model=32, n_layers=3, attention=AttentionConfig(n_heads=4, n_kv_heads=2), dense_ffn_dim=48,
+        moe=MoEConfig(n_routed_experts=8, top_k=2, expert_ffn_dim=24, n_shared_experts=1, first_k_dense=1),
+    ),
+    "tied": ModelConfig(
+        vocab_size=64, d_model=16, n_layers=2, attention=AttentionConfig(n_heads=4), dense_ffn_dim=32,
+        moe=MoEConfig(n_routed_experts=8, top_k=2, expert_ffn_dim=12), tie_embeddings=True,
+    ),
+    "expert-bias": ModelConfig(
+        vocab_size=64, d_model=16, n_layers=2, attention=AttentionConfig(n_heads=4, sinks=True), dense_ffn_dim=32,
+        moe=MoEConfig(n_routed_experts=8, top_k=2, expert_ffn_dim=12, router_bias=True, expert_bias=True),
+    ),
+}  # fmt: skip
+
+
+def planned_counts(world: int) -> dict:
+    """Each layout of this world's cases on more model shapes: [held, planned] (replicated, expert)."""
+    out = {}
+    for layout in dict.fromkeys(c[1] for c in CASES[world]):
+        for name, cfg in PLANNED.items():
+            if cfg.moe.expert_bias and layout.etp > 1:
+                continue  # moekit.parallel refuses etp with expert biases
+            torch.manual_seed(0)
+            held = rank_parameters(parallelize(MoETransformer(cfg), layout))
+            planned = rank_parameter_split(cfg, layout)
+            out[f"{name} {layout.text()}"] = [[held["replicated_params"], held["expert_params"]], list(planned)]
+    return out
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -213,6 +253,13 @@ def main() -> None:
     per_rank = [None] * world
     dist.all_gather_object(per_rank, run_capacity(cap_name, cap_layout, rank))
     results[cap_name] = per_rank
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, planned_counts(world))
+    results["planned"] = per_rank
+    if world == 2:  # the training loop's collective guarantees (dist_train_cases.py)
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, run_train_cases(rank, world, Path(sys.argv[1]).parent / "train"))
+        results["train"] = per_rank
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)
