@@ -30,3 +30,21 @@ def test_report_says_when_processes_outnumber_cores():
 def test_bad_ep_is_rejected_before_spawning(ep):
     with pytest.raises(ConfigError, match="ep"):
         run_ep_bench(ep)
+
+
+def test_save_replaces_only_bench_rows_and_is_checked_before_spawning(tmp_path, capsys):
+    import json
+
+    from moekit import files
+    from moekit.cli import main
+
+    ours = tmp_path / "ep.json"
+    ours.write_text(json.dumps([result(1, 2, 2, 100.0).to_dict(), result(2, 1, 2, 80.0).to_dict()]))
+    assert files.is_moekit_file(ours)  # bench --ep rows may be replaced by the next bench --ep
+    user = tmp_path / "user.json"
+    user.write_text('[{"step_ms": 1}]')
+    assert main(["bench", "--ep", "2", "--save", str(user)]) == 2
+    assert "was not written by moekit" in capsys.readouterr().err
+    assert user.read_text() == '[{"step_ms": 1}]'
+    assert main(["bench", "--ep", "2", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot" in capsys.readouterr().err

@@ -17,6 +17,7 @@ def test_one_process_hooks_are_identities():
     assert not par.active and par.is_main and par.reduce is None
     assert par.shard_batch(batch) is batch
     assert par.should_stop(True) and not par.should_stop(False)
+    assert par.all_true(torch.tensor(True)) and not par.all_true(torch.tensor(False))
     assert par.mean(torch.tensor(2.5, requires_grad=True)) == 2.5
     assert par.relaunch_prefix() == "" and par.flags() == ""
     with pytest.raises(ConfigError, match="ep must be"):
