@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"interrupted at step {result.step}; checkpoint {result.checkpoint}\n"
             f"continue with: {parallel.relaunch_prefix()}moekit train --resume --out {args.out}{parallel.flags()}"
+            + (" --skip-nonfinite" if args.skip_nonfinite else "")
         )
         return 130
     s = result.summary

@@ -534,6 +534,8 @@ def _train(
                     if step % t.eval_every == 0 or step == t.steps:
                         ev = evaluate(model, val, dev, par)
                         record.update(val_loss=ev["val_loss"], expert_load=ev["expert_load"])
+                    # NOTE: together() costs one all-reduce per logged step; without it a full disk on
+                    # rank 0 would leave the other ranks waiting in the next step's collectives.
                     par.together(functools.partial(metrics.append, record) if metrics is not None else lambda: None)
                     last_log_elapsed, last_log_step = elapsed, step
                 if step % t.ckpt_every == 0 or step == t.steps:
