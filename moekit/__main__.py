@@ -1,4 +1,4 @@
-"""``python -m moekit``: the ``moekit`` command."""
+"""``python -m moekit``: the ``moekit`` command, also as torchrun's module (``torchrun -m moekit train``)."""
 
 import sys
 

@@ -2,7 +2,8 @@
 
 Exit codes of the ``moekit`` command: 2 for a ``MoekitError`` (bad input: a config value, a
 missing or foreign file, a refused destination), 1 for a ``RunError`` (the input was fine but the
-run failed: a non-finite loss, a full disk, a write the system refused).
+run failed: a non-finite loss, a full disk, a write the system refused). Under torchrun every
+rank exits with the code and one rank prints the line (see ``MoekitError.speaks``).
 """
 
 
@@ -10,6 +11,10 @@ class MoekitError(Exception):
     """Base of every error caused by user input (configs, files, checkpoints, arguments)."""
 
     exit_code = 2
+    # Whether this process prints the error: None = only rank 0 of a torchrun launch (every rank
+    # met the same error); ``Distributed.together`` sets True on the rank that failed first and
+    # False on the ranks failing with it.
+    speaks: bool | None = None
 
 
 class CheckpointError(MoekitError):

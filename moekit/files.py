@@ -175,7 +175,7 @@ def listing(names: list[str], limit: int = 4) -> str:
 
 
 def is_moekit_file(path: Path) -> bool:
-    """A single file moekit wrote: a PNG with its ``Software`` tag, or a JSON list of bench rows."""
+    """A single file moekit wrote: a PNG with its ``Software`` tag, or a JSON list of bench (or bench --ep) rows."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -187,7 +187,8 @@ def is_moekit_file(path: Path) -> bool:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(data, list) and all(isinstance(r, dict) and "moekit_ms" in r for r in data)
+    rows = ("moekit_ms", "a2a_bytes_per_layer")  # a row of ``bench`` or of ``bench --ep``
+    return isinstance(data, list) and all(isinstance(r, dict) and any(k in r for k in rows) for r in data)
 
 
 def check_may_replace_file(path: Path | str, what: str) -> Path:

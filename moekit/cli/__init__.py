@@ -8,6 +8,9 @@ library, prints. Every failure ends in one line on stderr, never a traceback:
 - exit 1: the run failed -- a ``RunError`` (non-finite loss, a write the system refused), any other
   ``OSError``, or a moekit bug (then the line says so; ``MOEKIT_TRACEBACK=1`` shows the traceback);
 - exit 130: interrupted.
+
+Under torchrun every rank exits with the code, and one rank prints the line: rank 0, or the rank
+that failed first in a step the ranks run together (``MoekitError.speaks``).
 """
 
 from __future__ import annotations
@@ -44,9 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(command: str, message: str, code: int) -> int:
-    line = " ".join(str(message).split())  # one line, whatever the message held
-    print(f"moekit {command}: error: {line}", file=sys.stderr)
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _fail(command: str, message: str, code: int, quiet: bool = False) -> int:
+    if not quiet:
+        line = " ".join(str(message).split())  # one line, whatever the message held
+        where = f" (rank {_rank()})" if _rank() else ""  # an error only a later rank met
+        print(f"moekit {command}: error{where}: {line}", file=sys.stderr)
     return code
 
 
@@ -60,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MoekitError as e:
-        return _fail(command, str(e), e.exit_code)
+        speaks = e.speaks if e.speaks is not None else _rank() == 0  # under torchrun: one rank says why
+        return _fail(command, str(e), e.exit_code, quiet=not speaks)
     except BrokenPipeError:  # e.g. `moekit params X --json | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"moekit {command}: interrupted", file=sys.stderr)
+        if _rank() == 0:
+            print(f"moekit {command}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a file-system fault no writer anticipated: still one line
         where = f" {e.filename}" if e.filename else ""

@@ -65,10 +65,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory measurement")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart of time relative to dense")
     p.add_argument("--save", metavar="FILE", help="also write the --json rows to FILE (written first, before the plot)")
+    p.add_argument(
+        "--ep",
+        type=positive_int,
+        help="instead: a training step at 1 and at EP expert-parallel processes (gloo), with per-layer "
+        "all-to-all bytes and time",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ep is not None:
+        return run_ep(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     selected = [shapes[name] for name in args.shape] if args.shape else list(shapes.values())
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
@@ -250,3 +258,24 @@ def _print_table(rows: list[BenchRow]) -> None:
                 "layers far more than one big matmul; OMP_WAIT_POLICY=passive or --threads 1 give steadier ratios."
             )
     console.print("\n".join(notes))
+
+
+def run_ep(args: argparse.Namespace) -> int:
+    from moekit.parallel.bench import format_report, run_ep_bench
+
+    if args.plot:
+        raise MoekitError("--plot draws the layer benchmark; with --ep use --json or --save")
+    if args.save:  # checked before the processes start, not after
+        check_may_replace_file(args.save, "--save")
+    steps = args.repeats or (QUICK_REPEATS if args.quick else 5)
+    results = run_ep_bench(args.ep, steps=steps, quick=args.quick, threads=args.threads)
+    text = json.dumps([r.to_dict() for r in results], indent=2)
+    print(text if args.json else format_report(results), flush=True)  # results first: the save may fail
+    if args.save:
+        try:
+            write_text(args.save, text + "\n", "--save")
+        except MoekitError:
+            if not args.json:
+                print(text, flush=True)  # the rows survive on stdout
+            raise
+    return 0

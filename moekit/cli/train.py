@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from moekit.config import ConfigError
 from moekit.training.config import make_run_config, parse_assignments
+from moekit.training.distributed import Distributed
 from moekit.training.loop import TRAIN_LOG, train
 from moekit.training.progress import RichProgress
 
@@ -42,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip (and count) steps whose loss or gradient norm is NaN/inf instead of stopping (exit 1)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    par = p.add_argument_group(
+        "several processes (launch with torchrun --nproc-per-node N -m moekit train ...; no flags: data parallel)"
+    )
+    par.add_argument("--ep", type=int, help="expert-parallel group size: ranks sharing out the experts (divides N)")
+    par.add_argument("--etp", type=int, help="expert tensor-parallel size: ranks slicing each expert's width")
+    par.add_argument("--backend", default="auto", help="torch.distributed backend: gloo, nccl or auto (default)")
     p.set_defaults(func=run)
 
 
@@ -54,22 +62,34 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--resume without --preset/--config uses the run's own config; --set and --data cannot change it"
         )
-    # Progress on stderr (unless --quiet) and always in the run's train.log.
-    progress = RichProgress("train", log=Path(args.out) / TRAIN_LOG, show=not args.quiet)
-    result = train(
-        cfg,
-        args.out,
-        resume=args.resume,
-        force=args.force,
-        steps=args.steps,
-        device=args.device,
-        callback=progress,
-        skip_nonfinite=args.skip_nonfinite,
-    )
+    parallel = Distributed(ep=args.ep, etp=args.etp, backend=args.backend)
+    if not parallel.is_main:
+        warnings.simplefilter("ignore")  # rank 0 alone speaks; the others would repeat it
+    try:
+        # Rank 0: progress on stderr (unless --quiet) and always in the run's train.log; the others: none.
+        progress = (
+            RichProgress("train", log=Path(args.out) / TRAIN_LOG, show=not args.quiet) if parallel.is_main else None
+        )
+        result = train(
+            cfg,
+            args.out,
+            resume=args.resume,
+            force=args.force,
+            steps=args.steps,
+            device=args.device,
+            callback=progress,
+            skip_nonfinite=args.skip_nonfinite,
+            parallel=parallel,
+        )
+    finally:
+        parallel.close()
+    if not parallel.is_main:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(
             f"interrupted at step {result.step}; checkpoint {result.checkpoint}\n"
-            f"continue with: moekit train --resume --out {args.out}"
+            f"continue with: {parallel.relaunch_prefix()}moekit train --resume --out {args.out}{parallel.flags()}"
+            + (" --skip-nonfinite" if args.skip_nonfinite else "")
         )
         return 130
     s = result.summary

@@ -11,6 +11,7 @@ from moekit.parallel.layout import Layout, RankCoords
 from moekit.parallel.state import (
     all_reduce_sum,
     clip_grad_norm_,
+    full_gradients,
     full_optimizer_state,
     full_state_dict,
     rank_parameters,
@@ -27,6 +28,7 @@ __all__ = [
     "all_reduce_sum",
     "clip_grad_norm_",
     "expert_shards",
+    "full_gradients",
     "full_optimizer_state",
     "full_state_dict",
     "make_groups",

@@ -62,7 +62,7 @@ def parallelize(model: nn.Module, layout: Layout, groups: ProcessGroups | None =
         raise ConfigError(
             f"etp ({layout.etp}) does not support moe.expert_bias (the down-projection bias is not sliced)"
         )
-    if moe is not None and layout.ep != moe.n_devices and (layout.ep > 1 or moe.device_loss_coef > 0):
+    if moe is not None and moe.device_loss_coef > 0 and layout.ep != moe.n_devices:
         warnings.warn(
             f"ep ({layout.ep}) differs from moe.n_devices ({moe.n_devices}): the device-level balance loss "
             "keeps grouping experts by moe.n_devices (a property of the model), not by the ranks holding them",
@@ -80,6 +80,8 @@ def parallelize(model: nn.Module, layout: Layout, groups: ProcessGroups | None =
     for module in model.modules():
         if not isinstance(module, MoE):
             continue
+        if module.impl == "reference":
+            raise ConfigError("impl 'reference' (the masked loop over all experts) runs in one process only")
         _shard_experts(module.experts, layout, groups)
         if groups.ep is not None:
             module.dispatcher = AllToAllDispatcher(

@@ -9,6 +9,9 @@ copies. ``ep`` must divide the routed experts and ``etp`` the expert width.
 Rank numbering: ``rank = dp_index * etp + etp_index``; within one ``etp_index`` column, data
 ranks ``dp_index`` form expert-parallel groups of ``ep`` consecutive ranks, ``ep_rank = dp_index
 % ep``. ``RankCoords`` names a rank's place; ``expert_slice`` what part of the experts it holds.
+
+Plain data (no torch, no process groups): ``moekit.planning`` counts and costs the same layouts
+without starting anything.
 """
 
 from __future__ import annotations
@@ -32,14 +35,19 @@ class Layout:
     def world_size(self) -> int:
         return self.dp * self.etp
 
+    def text(self) -> str:
+        """A short name for tables and messages, e.g. ``dp4·ep2·etp1``."""
+        return f"dp{self.dp}·ep{self.ep}·etp{self.etp}"
+
     @classmethod
     def for_world(cls, world_size: int, ep: int | None = None, etp: int | None = None) -> Layout:
         """The layout of ``world_size`` processes: ``dp = world_size / etp``; no flags is plain DP."""
-        etp = 1 if etp is None else etp
+        ep, etp = 1 if ep is None else ep, 1 if etp is None else etp
+        _check_int("ep", ep)
         _check_int("etp", etp)
         if world_size % etp:
             raise ConfigError(f"etp ({etp}) must divide the number of processes ({world_size}): world = dp x etp")
-        return cls(dp=world_size // etp, ep=1 if ep is None else ep, etp=etp)
+        return cls(dp=world_size // etp, ep=ep, etp=etp)
 
     def validate(self, world_size: int, n_routed_experts: int | None, expert_ffn_dim: int | None) -> None:
         """Raise ``ConfigError`` naming the field unless this layout fits the world and the model."""

@@ -83,7 +83,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
 
 
 def _sq_sum(params: list[nn.Parameter]) -> Tensor:
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=_comm_device())
     return sum((p.grad.double().square().sum() for p in params if p.grad is not None), zero)
 
 
@@ -92,9 +92,16 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     balance losses normalise, so the etp copies of a micro-batch do not change the result."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return t
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t
+    out = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def _comm_device() -> torch.device:
+    """Where collectives need their tensors: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # State --------------------------------------------------------------------------------------------
@@ -150,6 +157,17 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for key, name, ex in _expert_param_names(model).values():
         sd[key] = _gather_full(sd[key], name, ex, groups)
     return sd
+
+
+def full_gradients(model: nn.Module) -> dict[str, Tensor | None]:
+    """Every parameter's gradient by name, expert ones gathered whole (for checks). Collective."""
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    groups = parallel_groups(model)
+    if groups is not None:
+        for key, name, ex in _expert_param_names(model).values():
+            grad = getattr(ex, name).grad
+            grads[key] = None if grad is None else _gather_full(grad, name, ex, groups)
+    return grads
 
 
 def _opt_params(opt: torch.optim.Optimizer) -> list[nn.Parameter]:

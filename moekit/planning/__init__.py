@@ -2,18 +2,18 @@
 
 Pure functions over a ``ModelConfig`` and plain ints; nothing is built. ``moekit plan`` prints them.
 
-- ``layout``: the layout contract of ``moekit.parallel`` (dp, ep, etp) and the parameters each
-  rank holds (``per_rank_parameter_count``).
+- ``layout``: the parameters each rank holds under a ``moekit.parallel.layout.Layout`` (dp, ep,
+  etp) of that package's contract (``per_rank_parameter_count``).
 - ``activations``: the activation-memory formula of a training step, checked against measurement.
 - ``cost``: memory per device and communication per step of one layout.
 - ``plan``: every candidate layout ranked, with suggestions when none fits.
 - ``units``: "80GiB" and dtype names.
 """
 
+from moekit.parallel.layout import Layout
 from moekit.planning.activations import ActivationEstimate, estimate_activations, training_activation_bytes
 from moekit.planning.cost import LayoutCost, PlanRequest, layout_cost
 from moekit.planning.layout import (
-    Layout,
     ParamSplit,
     candidate_layouts,
     check_layout,

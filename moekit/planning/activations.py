@@ -56,7 +56,7 @@ from typing import Literal
 
 from moekit.accounting import DTYPE_BYTES
 from moekit.config import ModelConfig
-from moekit.planning.layout import Layout
+from moekit.parallel.layout import Layout
 
 ExpertsImpl = Literal["rows", "fused"]
 AttentionKernel = Literal["flash", "math"]

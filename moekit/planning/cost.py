@@ -41,6 +41,7 @@ from typing import Literal
 
 from moekit.accounting import DTYPE_BYTES, kv_cache_bytes_per_token
 from moekit.config import ConfigError, ModelConfig
+from moekit.parallel.layout import Layout
 from moekit.planning.activations import (
     F32,
     AttentionKernel,
@@ -49,7 +50,7 @@ from moekit.planning.activations import (
     inference_bytes_per_token,
     recomputed_activation_bytes,
 )
-from moekit.planning.layout import Layout, ParamSplit, rank_parameter_split
+from moekit.planning.layout import ParamSplit, rank_parameter_split
 
 Mode = Literal["train", "infer"]
 TRAIN_DTYPES = ("fp32", "bf16", "fp16")
@@ -113,7 +114,7 @@ class LayoutCost:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["layout"] = {**asdict(self.layout), "world": self.layout.world, "name": self.layout.text()}
+        d["layout"] = {**asdict(self.layout), "world": self.layout.world_size, "name": self.layout.text()}
         return d
 
 
@@ -198,7 +199,7 @@ def layout_cost(cfg: ModelConfig, req: PlanRequest, layout: Layout, split: Param
         fits_without_headroom=total <= req.device_memory,
         comm=comm_int,
         comm_per_step=per_step,
-        comm_per_token=per_step * layout.world / (layout.dp * tokens),
+        comm_per_token=per_step * layout.world_size / (layout.dp * tokens),
         per_token_per_moe_layer=per_token,
         zero3=req.zero3,
     )

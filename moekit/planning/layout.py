@@ -1,10 +1,11 @@
-"""Parallel layouts and what each rank holds under them (the contract of ``moekit.parallel``).
+"""What each rank holds under a parallel layout (the contract of ``moekit.parallel``).
 
-``Layout(dp, ep, etp)`` runs on ``world = dp × etp`` ranks; ``ep`` divides ``dp`` and the routed
-experts, ``etp`` divides the expert width F. Each rank holds ``E / ep`` routed experts of every
-MoE layer, each sliced to ``F / etp`` (w1/w3 by output rows, w2 by input columns, b1/b3 sliced, b2
-whole; partial sums all-reduced over the etp group, distributed-llama style). Everything else
-(embedding, attention, norms, routers, shared experts, dense FFNs, head) is replicated on every
+``Layout(dp, ep, etp)`` (defined once, as plain data, in ``moekit.parallel.layout``) runs on
+``world = dp × etp`` ranks; ``ep`` divides ``dp`` and the routed experts, ``etp`` divides the
+expert width F. Each rank holds ``E / ep`` routed experts of every MoE layer, each sliced to
+``F / etp`` (w1/w3 by output rows, w2 by input columns, b1/b3 sliced, b2 whole; partial sums
+all-reduced over the etp group, distributed-llama style). Everything else (embedding, attention,
+norms, routers, shared experts, dense FFNs, head) is replicated on every
 rank (DDP semantics). The etp ranks of a group see the same tokens.
 
 Pure functions over plain ints, so the counts can be checked against a model the parallel code
@@ -17,22 +18,7 @@ from dataclasses import dataclass
 
 from moekit.accounting import count_params
 from moekit.config import ConfigError, ModelConfig
-
-
-@dataclass(frozen=True)
-class Layout:
-    """``dp`` data-parallel replicas of ``etp`` ranks each; experts split over ``ep`` of the dp ranks."""
-
-    dp: int
-    ep: int = 1
-    etp: int = 1
-
-    @property
-    def world(self) -> int:
-        return self.dp * self.etp
-
-    def text(self) -> str:
-        return f"dp{self.dp}·ep{self.ep}·etp{self.etp}"
+from moekit.parallel.layout import Layout
 
 
 @dataclass(frozen=True)

@@ -64,15 +64,23 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: MoETransformer, state: dict[str, Any], keep: int, tokenizer_json: str | None = None
+    run_dir: Path,
+    step: int,
+    model: MoETransformer,
+    state: dict[str, Any],
+    keep: int,
+    tokenizer_json: str | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically and delete all but the newest ``keep``."""
+    """Write the checkpoint of ``step`` atomically and delete all but the newest ``keep``.
+
+    ``tensors`` replaces ``model.state_dict()`` (a parallelised model's gathered weights)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step_*.tmp-*"):  # left by a crash mid-save of any step
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:07d}"
-    tensors = model.state_dict()
+    tensors = dict(model.state_dict() if tensors is None else tensors)
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight")
     # A step saved again (a resumed run that had already finished) replaces the old folder.

@@ -18,11 +18,18 @@ A non-finite loss or gradient norm stops training before the weights change (or,
 ``skip_nonfinite``, drops that step's update): see ``moekit.training.guard``. A run directory is
 locked while it is trained (``moekit.files.folder_lock``) and records the files it owns, so
 ``force`` removes only those.
+
+Several processes (torchrun): the hooks of ``moekit.training.distributed.Distributed`` (no-ops in
+one process) shard each global batch, sync gradients, reduce balance-loss loads, decide stops and
+skips together and let rank 0 alone write (and hold the run directory's lock). Anything that may
+fail on one rank (the run folder, data, a write) runs through ``Distributed.together`` so every
+rank fails with it instead of waiting in a collective.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -40,7 +47,7 @@ import torch
 from torch import Tensor
 
 from moekit.accounting import account
-from moekit.balancing import balance_terms, max_vio, routing_stats, update_selection_bias
+from moekit.balancing import balance_terms, chosen_counts, max_vio, routing_stats, update_selection_bias
 from moekit.config import ConfigError
 from moekit.errors import MoekitError
 from moekit.files import (
@@ -67,6 +74,7 @@ from moekit.training.checkpoint import (
 )
 from moekit.training.config import RunConfig
 from moekit.training.data import Corpus, TrainBatches, load_corpus, val_batches
+from moekit.training.distributed import Distributed
 from moekit.training.guard import NonFiniteGuard, step_is_finite
 from moekit.training.metrics import METRICS_FILE, MetricsLog, read_metrics
 from moekit.training.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, tokenize
@@ -254,15 +262,18 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, batches: list[Tensor], device: torch.device) -> dict[str, Any]:
+def evaluate(
+    model: MoETransformer, batches: list[Tensor], device: torch.device, parallel: Distributed | None = None
+) -> dict[str, Any]:
     """Mean validation loss over ``batches``, and each MoE layer's expert load (shares of the
-    routed assignments) with its MaxVio; the model is left in the mode it was in."""
+    routed assignments) with its MaxVio; the model is left in the mode it was in. With ``parallel``
+    each rank evaluates its rows and the sums are reduced (collective)."""
     was_training = model.training
     model.eval()
     total, n_targets = 0.0, 0
     counts: list[Tensor] = []
     for batch in batches:
-        batch = batch.to(device)
+        batch = (parallel.shard_batch(batch) if parallel else batch).to(device)
         with _autocast(device):
             out = model(batch, labels=batch)
         n = batch.shape[0] * (batch.shape[1] - 1)
@@ -271,6 +282,10 @@ def evaluate(model: MoETransformer, batches: list[Tensor], device: torch.device)
         layer_counts = [r.counts_E.double().cpu() for r in out.routing]
         counts = layer_counts if not counts else [a + b for a, b in zip(counts, layer_counts, strict=True)]
     model.train(was_training)
+    if parallel is not None and parallel.reduce is not None:  # sums over ranks (etp copies cancel out)
+        sums = parallel.reduce(torch.tensor([total, float(n_targets)], dtype=torch.float64))
+        total, n_targets = float(sums[0]), float(sums[1])
+        counts = [parallel.reduce(c) for c in counts]
     loads = [(c / c.sum().clamp_min(1)).tolist() for c in counts]
     vio = sum(max_vio(c) for c in counts) / len(counts) if counts else None
     return {"val_loss": total / n_targets, "expert_load": loads, "max_vio": vio}
@@ -299,16 +314,25 @@ class TrainResult:
 
 
 class _StopOnSignal:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one interrupts at once."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one interrupts at once.
+
+    A second signal within ``GRACE_S`` of the first counts as the same request: under torchrun,
+    Ctrl-C reaches every worker from the terminal and again from the launcher, which forwards it.
+    """
+
+    GRACE_S = 2.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+            if time.monotonic() - self._first_at > self.GRACE_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first_at = signum, time.monotonic()
 
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -346,23 +370,35 @@ def train(
     device: str | None = None,
     callback: TrainCallback | None = None,
     skip_nonfinite: bool = False,
+    parallel: Distributed | None = None,
 ) -> TrainResult:
     """Train ``run`` into directory ``out`` (see ``resolve_run`` for --resume / --force).
 
     ``skip_nonfinite``: drop the update of a step whose loss or gradient norm is not finite and
     count it (metrics ``skipped_steps``) instead of stopping with ``NonFiniteStop``.
+    ``parallel`` (``moekit.training.distributed``): this process's part in a torchrun launch;
+    only its rank 0 creates, locks and writes the run directory and calls ``callback``.
     """
     out = Path(out)
-    run = resolve_run(out, run, resume=resume, force=force, steps=steps)
-    created = not out.exists()
-    with write_errors(out, "run directory"):
-        out.mkdir(parents=True, exist_ok=True)
-    try:
-        with folder_lock(out, "run directory"):
-            return _train(run, out, resume, force, device, callback, NonFiniteGuard(skip_nonfinite))
-    finally:
-        if created and not user_entries(out):  # failed before writing anything: leave no trace
-            shutil.rmtree(out, ignore_errors=True)
+    par = parallel or Distributed()
+    run = par.together(lambda: resolve_run(out, run, resume=resume, force=force, steps=steps))
+    par.together(lambda: par.setup(run.model, run.train.batch_size))
+    created = par.is_main and not out.exists()
+    with contextlib.ExitStack() as held:
+
+        def create_and_lock() -> None:  # rank 0 alone; a refusal there stops every rank
+            if par.is_main:
+                with write_errors(out, "run directory"):
+                    out.mkdir(parents=True, exist_ok=True)
+                held.enter_context(folder_lock(out, "run directory"))
+
+        try:
+            par.together(create_and_lock)
+            return _train(run, out, resume, force, device, callback, NonFiniteGuard(skip_nonfinite), par)
+        finally:
+            held.close()  # the lock goes before the folder may
+            if created and not user_entries(out):  # failed before writing anything: leave no trace
+                shutil.rmtree(out, ignore_errors=True)
 
 
 def _train(
@@ -373,34 +409,45 @@ def _train(
     device: str | None,
     callback: TrainCallback | None,
     guard: NonFiniteGuard,
+    par: Distributed,
 ) -> TrainResult:
-    dev = resolve_device(device)
-    cb = callback or TrainCallback()
+    dev = par.together(lambda: resolve_device(par.device(device)))
+    cb = (callback or TrainCallback()) if par.is_main else TrainCallback()
     t = run.train
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:  # a damaged or foreign checkpoint is refused before anything is written
-        check_fingerprint(ckpt, verify_checkpoint(ckpt), run.model)
-    tokenizer = read_tokenizer(out, run) if resume and (out / CONFIG_FILE).exists() else None
-    data = prepare_data(run, tokenizer)
+        par.together(lambda: check_fingerprint(ckpt, verify_checkpoint(ckpt), run.model) if par.is_main else None)
+    resumed = resume and (out / CONFIG_FILE).exists()
+    tokenizer = par.together(lambda: read_tokenizer(out, run) if resumed else None)
+    data = par.main_first(lambda: prepare_data(run, tokenizer))  # rank 0 fills the caches
     batches = TrainBatches(data.train_tokens, t.batch_size, t.seq_len, t.seed)
     val = val_batches(data.val_tokens, t.batch_size, t.seq_len, t.eval_batches)
-    if force:  # only once the new run is known to start: a bad config or corpus keeps the old run
-        _clear_run(out)
-    record_owned(out, RUN_KIND, RUN_ARTEFACTS)
-    write_json(out / CONFIG_FILE, run.to_dict(), "run config")
     tokenizer_json = data.tokenizer.to_str() if isinstance(data.tokenizer, BPETokenizer) else None
-    if tokenizer_json is not None:
-        write_text(out / TOKENIZER_FILE, tokenizer_json, "tokenizer")
+
+    def write_run_files() -> None:  # runs after every rank has read the old run folder
+        if not par.is_main:
+            return
+        if force:  # only once the new run is known to start: a bad config or corpus keeps the old run
+            _clear_run(out)
+        record_owned(out, RUN_KIND, RUN_ARTEFACTS)
+        write_json(out / CONFIG_FILE, run.to_dict(), "run config")
+        if tokenizer_json is not None:
+            write_text(out / TOKENIZER_FILE, tokenizer_json, "tokenizer")
+
+    par.barrier()
+    par.together(write_run_files)
 
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     model = MoETransformer(run.model).to(dev)
     model.train()
-    opt = build_optimizer(model, run)
     step, position, elapsed = 0, 0, 0.0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, dev)
-        opt.load_state_dict(state["optimizer"])
+    # Full weights under global expert ids, whatever layout wrote them; then this rank's shard.
+    state = par.together(lambda: load_checkpoint(ckpt, model, dev)) if ckpt is not None else None
+    model = par.parallelize(model)
+    opt = build_optimizer(model, run)
+    if state is not None:
+        par.load_optimizer_state(model, opt, state["optimizer"])
         _set_rng_state(state["rng"])
         step, position, elapsed = state["step"], state["position"], state["elapsed_s"]
         guard.skipped = state.get("skipped_steps", 0)
@@ -409,14 +456,25 @@ def _train(
                 f"the training text changed since {ckpt} was written; the resumed run will not match an uninterrupted one",
                 stacklevel=2,
             )
-    metrics = MetricsLog(out / METRICS_FILE, resume_step=step if resume else None)
+    metrics = par.together(
+        lambda: MetricsLog(out / METRICS_FILE, resume_step=step if resume else None) if par.is_main else None
+    )
     moe = run.model.moe
 
     def save() -> Path:
         state = {"step": step, "position": position, "elapsed_s": elapsed, "corpus_digest": data.corpus.digest}
         state["skipped_steps"] = guard.skipped
-        state.update(optimizer=opt.state_dict(), rng=_rng_state())
-        return save_checkpoint(out, step, model, state, t.keep_checkpoints, tokenizer_json)
+        state.update(optimizer=par.optimizer_state(model, opt), rng=_rng_state())
+        tensors = par.model_state(model)  # gathered (collective): global expert ids, whatever the layout
+        # Rank 0 writes; the others wait for it, and fail with it (a full disk stops every rank).
+        written = par.together(
+            lambda: (
+                save_checkpoint(out, step, model, state, t.keep_checkpoints, tokenizer_json, tensors=tensors)
+                if par.is_main
+                else None
+            )
+        )
+        return written or checkpoint_dir(out) / f"step_{step:07d}"
 
     cb.on_start(step, t.steps)
     tokens_per_step = t.batch_size * t.seq_len
@@ -425,59 +483,67 @@ def _train(
     try:
         with _StopOnSignal() as stop:
             while step < t.steps:
-                if stop.signum is not None:
+                if par.should_stop(stop.signum is not None):  # decided together: every rank saves
                     return TrainResult(out, step, True, save(), None)
                 t0 = time.perf_counter()
                 lr = lr_at(step, run)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                batch = batches.batch(position).to(dev)
+                batch = par.shard_batch(batches.batch(position)).to(dev)  # this rank's rows
                 with _autocast(dev):
                     output = model(batch, labels=batch)
-                terms = balance_terms(output.routing, moe) if moe is not None else {}
+                terms = balance_terms(output.routing, moe, par.reduce) if moe is not None else {}
                 aux = sum(terms.values()) if terms else torch.zeros((), device=dev)
                 opt.zero_grad(set_to_none=True)
                 (output.loss + aux).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
-                # Non-finite loss or gradient: stop (or skip the update) before the weights change.
-                if bool(step_is_finite(output.loss + aux, grad_norm)):
+                par.sync_gradients(model)
+                grad_norm = par.clip_grad_norm_(model, t.grad_clip or math.inf)  # the global norm
+                # Non-finite loss or gradient on any rank: every rank stops (or skips the update)
+                # before the weights change. NOTE: one all-reduced flag, so no rank is left alone
+                # in a collective and the ranks' guards count alike.
+                if par.all_true(step_is_finite(output.loss + aux, grad_norm)):
                     guard.good_step()
                     opt.step()
                     if moe is not None and moe.aux_free_rate > 0:
-                        update_selection_bias(model, output.routing)
+                        update_selection_bias(model, par.global_loads([chosen_counts(r)[0] for r in output.routing]))
                 else:
-                    guard.bad_step(step + 1, output.loss + aux, grad_norm, saved_at)
+                    loss = torch.tensor(par.mean(output.loss + aux))  # what the ranks saw together
+                    guard.bad_step(step + 1, loss, grad_norm, saved_at)
                 step += 1
                 position += t.batch_size
                 elapsed += time.perf_counter() - t0
                 record = None
+                a2a = par.all_to_all_metrics(model)
                 if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
                     stats = routing_stats(output.routing, output.moe_layer_ids) if output.routing else {}
                     record = {
                         "step": step,
-                        "loss": float(output.loss.detach()),
-                        "aux_loss": float(aux.detach()),
+                        "loss": par.mean(output.loss),
+                        "aux_loss": par.mean(aux),
                         "lr": lr,
                         "tokens_per_s": (step - last_log_step)
                         * tokens_per_step
                         / max(elapsed - last_log_elapsed, 1e-9),
-                        "max_vio": stats.get("max_vio"),
+                        "max_vio": par.global_max_vio(output.routing, stats.get("max_vio")),
                         "grad_norm": float(grad_norm),
                         "skipped_steps": guard.skipped,
                         "tokens": position * t.seq_len,
                         "elapsed_s": elapsed,
+                        **a2a,
                     }
                     if step % t.eval_every == 0 or step == t.steps:
-                        ev = evaluate(model, val, dev)
+                        ev = evaluate(model, val, dev, par)
                         record.update(val_loss=ev["val_loss"], expert_load=ev["expert_load"])
-                    metrics.append(record)
+                    # NOTE: together() costs one all-reduce per logged step; without it a full disk on
+                    # rank 0 would leave the other ranks waiting in the next step's collectives.
+                    par.together(functools.partial(metrics.append, record) if metrics is not None else lambda: None)
                     last_log_elapsed, last_log_step = elapsed, step
                 if step % t.ckpt_every == 0 or step == t.steps:
                     saved_at = save()
                 cb.on_step(step, record)
     finally:
         cb.on_end()
-    summary = write_summary(out, run, model, val, dev, step, elapsed, data, guard.skipped)
+    summary = write_summary(out, run, model, val, dev, step, elapsed, data, guard.skipped, par)
     return TrainResult(out, step, False, saved_at, summary)
 
 
@@ -491,9 +557,11 @@ def write_summary(
     elapsed: float,
     data: RunData,
     skipped: int = 0,
+    parallel: Distributed | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the final model and write ``summary.json``."""
-    ev = evaluate(model, val, dev)
+    """Evaluate the final model and write ``summary.json`` (every rank evaluates; rank 0 writes)."""
+    par = parallel or Distributed()
+    ev = evaluate(model, val, dev, par)
     report = account(run.model, seq_len=run.train.seq_len).to_dict()
     logged = [r for r in read_metrics(out / METRICS_FILE) if "loss" in r]
     summary = {
@@ -515,7 +583,9 @@ def write_summary(
         "train_corpus_tokens": int(len(data.train_tokens)),
         "val_corpus_tokens": int(len(data.val_tokens)),
     }
-    write_json(out / SUMMARY_FILE, summary, "run summary")
+    if par.active:
+        summary["layout"] = par.layout.to_dict()
+    par.together(lambda: write_json(out / SUMMARY_FILE, summary, "run summary") if par.is_main else None)
     return summary
 
 

@@ -7,7 +7,9 @@ mean over MoE layers; null for a dense model), ``grad_norm`` (before clipping), 
 (steps whose update was dropped for a non-finite loss or gradient, so far; ``--skip-nonfinite``),
 ``tokens`` (seen so far) and ``elapsed_s`` (training time so far, across resumes). Evaluation steps add ``val_loss``
 and ``expert_load`` (per MoE layer, the share of routed assignments each expert got on the
-validation batches).
+validation batches). With expert parallelism (torchrun ``--ep``) records add ``a2a_bytes`` (forward
+all-to-all bytes sent between ranks during the step, all ranks and layers; backward sends as many
+again) and ``a2a_s`` (the slowest rank's seconds in those exchanges).
 """
 
 from __future__ import annotations

@@ -651,6 +651,35 @@ def test_skip_nonfinite_counts_the_skipped_steps(world, tmp_path, capsys, monkey
     assert [r["skipped_steps"] for r in records] == [0, 1, 2, 2]
 
 
+def test_under_torchrun_one_rank_prints_the_error_and_every_rank_exits_with_its_code(
+    world, tmp_path, capsys, monkeypatch
+):
+    from moekit.errors import RunError
+    from moekit.training.distributed import OtherRankFailed
+
+    bad = ["train", *TINY, "--data", world["text"], "--set", "train.lr=-1", "--out", tmp_path / "r"]
+    monkeypatch.setenv("RANK", "1")  # every rank met this error: rank 0 says it, the others exit silently
+    code, _, err = run_cli(capsys, bad)
+    assert (code, err) == (2, "")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_cli(capsys, bad)
+    one_line(err, code, 2, "train.lr")
+
+    def fails_on_rank_1(*args, **kwargs):  # what Distributed.together raises on each rank
+        raise error
+
+    monkeypatch.setattr("moekit.cli.train.train", fails_on_rank_1)
+    monkeypatch.setenv("RANK", "1")
+    error = RunError("no space left on device writing checkpoint x")
+    error.speaks = True  # rank 1 failed first
+    code, _, err = run_cli(capsys, ["train", *TINY, "--data", world["text"], "--out", tmp_path / "s"])
+    one_line(err, code, 1, "moekit train: error (rank 1): no space left")
+    monkeypatch.setenv("RANK", "0")
+    error = OtherRankFailed("rank 1 failed (it printed why)", 1)
+    code, _, err = run_cli(capsys, ["train", *TINY, "--data", world["text"], "--out", tmp_path / "s"])
+    assert (code, err) == (1, "")
+
+
 def test_a_learning_rate_that_is_merely_too_large_stops(world, tmp_path, capsys):
     argv = ["train", *TINY, "--data", world["text"], "--set", "train.lr=1e6", "--set", "train.warmup_steps=0"]
     code, _, err = run_cli(capsys, [*argv, "--steps", "30", "--out", tmp_path / "r"])

@@ -47,7 +47,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["loop", "reference"])
+@pytest.mark.parametrize("impl", ["fused", "loop", "reference"])  # fused: the local fast path
 def test_moe_matches_per_token_reference(case, impl):
     torch.manual_seed(1)
     moe = MoE(MoEConfig(**case), d_model=12, impl=impl)

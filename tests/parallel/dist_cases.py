@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,9 +18,20 @@ import torch.distributed as dist
 from moekit.balancing import balance_terms, chosen_counts, update_selection_bias
 from moekit.config import AttentionConfig, ModelConfig, MoEConfig
 from moekit.models.transformer import MoETransformer
-from moekit.parallel import Layout, all_reduce_sum, clip_grad_norm_, full_state_dict, parallelize, sync_gradients
-from moekit.parallel.apply import expert_shards
-from moekit.parallel.state import _gather_full
+from moekit.parallel import (
+    Layout,
+    all_reduce_sum,
+    clip_grad_norm_,
+    full_gradients,
+    full_state_dict,
+    parallelize,
+    rank_parameters,
+    sync_gradients,
+)
+from moekit.planning import rank_parameter_split
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_train_cases import run_train_cases  # noqa: E402 (this folder is no package)
 
 B, S = 8, 6  # global batch
 
@@ -66,6 +78,12 @@ CASES = {
         ("dp2-ep2-sigmoid-groups-auxfree", Layout(dp=2, ep=2), SIGMOID, ()),
         ("etp2", Layout(dp=1, etp=2), SHARED, ()),
         ("etp2-sigmoid-groups-auxfree", Layout(dp=1, etp=2), SIGMOID, ()),
+        (
+            "dp2-ep2-hash",
+            Layout(dp=2, ep=2),
+            dict(router="hash", aux_loss_coef=0.0, device_loss_coef=0.0, z_loss_coef=0.0),
+            (),
+        ),
         ("dp2-ep2-zero-token-expert", Layout(dp=2, ep=2), dict(router_bias=True), (0,)),
         ("dp2-ep2-zero-token-rank", Layout(dp=2, ep=2), dict(router_bias=True), (4, 5, 6, 7)),
     ],
@@ -111,16 +129,6 @@ def step_loss(model, ids, moe, reduce=None):
     return out, out.loss + sum(terms.values()), seen["x"]
 
 
-def full_grads(model) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    groups = getattr(model, "_moekit_parallel", None)
-    if groups is not None:
-        for prefix, ex in expert_shards(model):
-            for name in ("w1", "w3", "w2"):
-                grads[f"{prefix}.{name}"] = _gather_full(getattr(ex, name).grad, name, ex, groups)
-    return grads
-
-
 def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
     cfg = model_cfg(**moe_kw)
     moe = cfg.moe
@@ -136,7 +144,17 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
     for step in range(3):
         ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
         out_r, loss_r, x_r = step_loss(ref, ids, moe)
+        dispatchers = [b.ffn.dispatcher for b in par.layers if b.is_moe]
+        for d in dispatchers:
+            if hasattr(d, "stats"):
+                d.stats.reset()
         out_p, loss_p, x_p = step_loss(par, ids[rows], moe, all_reduce_sum)
+        if step == 0 and layout.ep > 1:  # forward bytes: rows to other ranks' experts, and their outputs back
+            es = par.layers[0].ffn.experts.shard.experts
+            off_rank = sum(int(r.counts_E.sum() - r.counts_E[es].sum()) for r in out_p.routing)
+            sent = all_reduce_sum(torch.tensor(float(sum(d.stats.bytes_sent for d in dispatchers))))
+            expected = all_reduce_sum(torch.tensor(2.0 * off_rank * cfg.d_model * 4))
+            res["a2a_bytes"] = [float(sent), float(expected)]
         for opt in (opt_ref, opt_par):
             opt.zero_grad(set_to_none=True)
         loss_r.backward()
@@ -147,7 +165,7 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
         if step == 0:
             res["logits"] = rel(out_p.logits.detach(), out_r.logits.detach()[rows])
             res["input_grad"] = rel(x_p.grad / layout.dp, x_r.grad[rows])
-            gr, gp = full_grads(ref), full_grads(par)
+            gr, gp = full_gradients(ref), full_gradients(par)
             res["grads"] = {n: rel(gp[n], gr[n]) for n in gr}
             res["none_grads"] = sorted(n for n, p in par.named_parameters() if p.grad is None)
             if unpicked:  # their experts' gradients must be exactly zero (and present)
@@ -164,6 +182,15 @@ def run_case(name, layout, moe_kw, unpicked, rank, world) -> dict:
         if moe.aux_free_rate > 0:
             update_selection_bias(ref, out_r.routing)
             update_selection_bias(par, [all_reduce_sum(chosen_counts(r)[0]) for r in out_p.routing])
+    # What each rank holds: everything but the routed experts, plus 1/(ep*etp) of them.
+    experts = sum(p.numel() for n, p in ref.named_parameters() if ".experts." in n)
+    expected = sum(p.numel() for p in ref.parameters()) - experts + experts // (layout.ep * layout.etp)
+    res["rank_params"] = [rank_parameters(par)["params"], expected]
+    held = rank_parameters(par)  # ... and what moekit.planning counts for this rank
+    res["planned_params"] = [
+        [held["replicated_params"], held["expert_params"]],
+        list(rank_parameter_split(cfg, layout)),
+    ]
     sd_ref, sd_par = ref.state_dict(), full_state_dict(par)
     res["params_after"] = max(rel(sd_par[k], sd_ref[k]) for k in sd_ref)
     return res
@@ -185,6 +212,36 @@ def run_capacity(name, layout, rank) -> dict:
     return {"same_keep": same_keep, "dropped": dropped, "logits": rel(out_p.logits, out_r.logits)}
 
 
+PLANNED = {  # more shapes for the planning cross-check: dense first layer, tied embeddings, expert biases
+    "shared+dense": ModelConfig(
+        vocab_size=97, d_model=32, n_layers=3, attention=AttentionConfig(n_heads=4, n_kv_heads=2), dense_ffn_dim=48,
+        moe=MoEConfig(n_routed_experts=8, top_k=2, expert_ffn_dim=24, n_shared_experts=1, first_k_dense=1),
+    ),
+    "tied": ModelConfig(
+        vocab_size=64, d_model=16, n_layers=2, attention=AttentionConfig(n_heads=4), dense_ffn_dim=32,
+        moe=MoEConfig(n_routed_experts=8, top_k=2, expert_ffn_dim=12), tie_embeddings=True,
+    ),
+    "expert-bias": ModelConfig(
+        vocab_size=64, d_model=16, n_layers=2, attention=AttentionConfig(n_heads=4, sinks=True), dense_ffn_dim=32,
+        moe=MoEConfig(n_routed_experts=8, top_k=2, expert_ffn_dim=12, router_bias=True, expert_bias=True),
+    ),
+}  # fmt: skip
+
+
+def planned_counts(world: int) -> dict:
+    """Each layout of this world's cases on more model shapes: [held, planned] (replicated, expert)."""
+    out = {}
+    for layout in dict.fromkeys(c[1] for c in CASES[world]):
+        for name, cfg in PLANNED.items():
+            if cfg.moe.expert_bias and layout.etp > 1:
+                continue  # moekit.parallel refuses etp with expert biases
+            torch.manual_seed(0)
+            held = rank_parameters(parallelize(MoETransformer(cfg), layout))
+            planned = rank_parameter_split(cfg, layout)
+            out[f"{name} {layout.text()}"] = [[held["replicated_params"], held["expert_params"]], list(planned)]
+    return out
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -196,6 +253,13 @@ def main() -> None:
     per_rank = [None] * world
     dist.all_gather_object(per_rank, run_capacity(cap_name, cap_layout, rank))
     results[cap_name] = per_rank
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, planned_counts(world))
+    results["planned"] = per_rank
+    if world == 2:  # the training loop's collective guarantees (dist_train_cases.py)
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, run_train_cases(rank, world, Path(sys.argv[1]).parent / "train"))
+        results["train"] = per_rank
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)
