@@ -19,7 +19,6 @@ from moekit.layers.experts import Experts, _swiglu
 from moekit.layers.mlp import FeedForward
 from moekit.layers.router import Router, Routing
 
-
 FUSED_PATHS = ("fused", "decode")  # implementations that take tokens in and give tokens out
 
 
