@@ -238,38 +238,18 @@ def run_decode_bench(
         counts = count_params(cfg)
         for b in batches:
             prompt_BT = torch.randint(0, cfg.vocab_size, (b, prompt_tokens), generator=torch.Generator().manual_seed(b))
-            mask_BT = torch.ones_like(prompt_BT)
             speeds: dict[str, list[float]] = {"moekit": [], **{impl: [] for impl in hf_impls}}
             outputs: dict[str, Tensor] = {}
-
-            def run_once(which: str) -> None:
-                clock = _Clock(b)
-                with torch.no_grad():
-                    if which == "moekit":
-                        out = ours.generate(prompt_BT, new_tokens, eos_token_id=[], temperature=0.0, streamer=clock)
-                    else:
-                        theirs.set_experts_implementation(which)
-                        out = theirs.generate(
-                            prompt_BT,
-                            attention_mask=mask_BT,
-                            max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens,
-                            do_sample=False,
-                            streamer=clock,
-                            pad_token_id=0,
-                        )
-                speeds[which].append(clock.tokens_per_s())
-                outputs[which] = out[:, prompt_tokens:]
 
             names = list(speeds)
             for which in names:  # warm-up: allocations, lazy initialisation, caches
                 say(f"{name} batch {b}: warm-up {which}")
-                run_once(which)
-                speeds[which].clear()
+                _decode_once(which, ours, theirs, prompt_BT, new_tokens)
             for r in range(rounds):
                 for which in names[r % len(names) :] + names[: r % len(names)]:
                     say(f"{name} batch {b}: round {r + 1}/{rounds} {which}")
-                    run_once(which)
+                    tok_s, outputs[which] = _decode_once(which, ours, theirs, prompt_BT, new_tokens)
+                    speeds[which].append(tok_s)
             med = {k: statistics.median(v) for k, v in speeds.items()}
             hf = {k: med[k] for k in hf_impls}
             best = max(hf, key=hf.get)
@@ -303,8 +283,28 @@ def run_decode_bench(
                     load_avg_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                 )
             )
-        del ours, theirs
     return rows
+
+
+def _decode_once(which: str, ours, theirs, prompt_BT: Tensor, new_tokens: int) -> tuple[float, Tensor]:
+    """One greedy generation by moekit ("moekit") or transformers (an experts implementation):
+    decode tokens/s and the new tokens ``[B, N]``."""
+    clock = _Clock(prompt_BT.shape[0])
+    with torch.no_grad():
+        if which == "moekit":
+            out = ours.generate(prompt_BT, new_tokens, eos_token_id=[], temperature=0.0, streamer=clock)
+        else:
+            theirs.set_experts_implementation(which)
+            out = theirs.generate(
+                prompt_BT,
+                attention_mask=torch.ones_like(prompt_BT),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # a random model may emit its end token: decode them all
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=0,
+            )
+    return clock.tokens_per_s(), out[:, prompt_BT.shape[1] :]
 
 
 def plot_decode(rows: list[DecodeRow], path: str) -> None:
