@@ -273,15 +273,20 @@ def test_decode_reads_only_chosen_experts_weights_in_place(monkeypatch):
     stacked tensors at a chosen expert's offset, and no other expert is touched."""
     import moekit.layers.experts as experts_mod
 
-    ex, x_TD, routing = make_case(n_tokens=2, n_experts=12, top_k=3, d_model=8, ffn=6)
+    ex, x_TD, routing = make_case(n_tokens=3, n_experts=6, top_k=3, d_model=8, ffn=6)  # single and shared rows
     seen = []
-    real_linear = experts_mod.F.linear
+    real_linear, real_vecdot = experts_mod.F.linear, torch.linalg.vecdot
 
-    def spy(x, w, b=None):
-        seen.append((w.untyped_storage().data_ptr(), w.storage_offset(), w.data_ptr()))
+    def spy_linear(x, w, b=None):
+        seen.append((w.untyped_storage().data_ptr(), w.storage_offset()))
         return real_linear(x, w, b)
 
-    monkeypatch.setattr(experts_mod.F, "linear", spy)
+    def spy_vecdot(w, x):  # one row: matrix-vector products
+        seen.append((w.untyped_storage().data_ptr(), w.storage_offset()))
+        return real_vecdot(w, x)
+
+    monkeypatch.setattr(experts_mod.F, "linear", spy_linear)
+    monkeypatch.setattr(torch.linalg, "vecdot", spy_vecdot)
     ex.impl = "decode"
     d = sort_by_expert(routing.idx_TK, ex.n_experts)
     with torch.no_grad():
@@ -290,7 +295,7 @@ def test_decode_reads_only_chosen_experts_weights_in_place(monkeypatch):
     stacks[ex.w2.untyped_storage().data_ptr()] = ex.w2
     chosen = set(routing.idx_TK.reshape(-1).tolist())
     assert len(seen) == 3 * len(chosen)  # gate, up, down: once per chosen expert
-    for storage, offset, _ in seen:
+    for storage, offset in seen:
         w = stacks[storage]  # in place: the weight is the stacked parameter's own storage
         per_expert = w[0].numel()
         assert offset % per_expert == 0 and offset // per_expert in chosen
