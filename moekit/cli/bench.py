@@ -23,13 +23,22 @@ import torch
 
 from moekit.bench import QUICK_SHAPES, SHAPES, BenchRow, plot_results, run_bench
 from moekit.cli.args import positive_float, positive_int
-from moekit.decode_bench import DECODE_MODELS, QUICK_DECODE_MODELS, DecodeRow, plot_decode, run_decode_bench
+from moekit.decode_bench import (
+    DECODE_MODELS,
+    DEFAULT_HF_IMPLS,
+    HF_EXPERT_IMPLS,
+    QUICK_DECODE_MODELS,
+    DecodeRow,
+    plot_decode,
+    run_decode_bench,
+)
 from moekit.errors import MoekitError
 from moekit.files import check_may_replace_file, write_text
 
 DEFAULT_REPEATS = 10
 QUICK_REPEATS = 2
-DECODE_REPEATS = 3
+DECODE_REPEATS = 5
+DECODE_NEW_TOKENS = 16
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--repeats",
         type=positive_int,
         default=None,
-        help=f"timed rounds per row (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick)",
+        help=f"timed rounds per row (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick; "
+        f"--decode: {DECODE_REPEATS}, 1 with --quick)",
     )
     p.add_argument("--shape", action="append", choices=list(SHAPES), help="only this shape (repeatable)")
     p.add_argument(
@@ -88,7 +98,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="--decode: sequences decoded together (repeatable; default 1 and 8)",
     )
     p.add_argument(
-        "--new-tokens", type=positive_int, default=None, help="--decode: tokens generated per run (default 32)"
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"--decode: tokens generated per run (default {DECODE_NEW_TOKENS})",
+    )
+    p.add_argument(
+        "--hf-impl",
+        action="append",
+        choices=list(HF_EXPERT_IMPLS),
+        help=f"--decode: transformers experts implementation to time (repeatable; default {' and '.join(DEFAULT_HF_IMPLS)})",
     )
     p.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart of time relative to dense")
     p.add_argument("--save", metavar="FILE", help="also write the --json rows to FILE (written first, before the plot)")
@@ -159,7 +178,7 @@ def run_decode(args: argparse.Namespace) -> int:
     if args.model:
         models = {name: models[name] for name in args.model}
     batches = args.batch or ([1, 2] if args.quick else [1, 8])
-    new_tokens = args.new_tokens or (6 if args.quick else 32)
+    new_tokens = args.new_tokens or (6 if args.quick else DECODE_NEW_TOKENS)
     if new_tokens < 2:
         raise MoekitError("--new-tokens must be at least 2 (decode speed is timed between new tokens)")
     rounds = args.repeats or (1 if args.quick else DECODE_REPEATS)
@@ -172,7 +191,14 @@ def run_decode(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     say = (lambda _label: None) if args.json else (lambda label: print(f"bench --decode: {label}", file=sys.stderr))
     try:
-        rows = run_decode_bench(models, batches, new_tokens=new_tokens, rounds=rounds, on_progress=say)
+        rows = run_decode_bench(
+            models,
+            batches,
+            new_tokens=new_tokens,
+            rounds=rounds,
+            hf_impls=args.hf_impl or DEFAULT_HF_IMPLS,
+            on_progress=say,
+        )
     finally:
         torch.set_num_threads(threads)
     text = json.dumps([r.to_dict() for r in rows], indent=2)
@@ -215,7 +241,7 @@ def _print_decode_table(rows: list[DecodeRow]) -> None:
             str(r.batch),
             f"{r.moekit_tok_s:,.1f}",
             *(f"{r.hf_tok_s[i]:,.1f}" for i in impls),
-            f"{r.ratio_vs_hf:.2f} ({r.hf_best_impl})",
+            f"{r.ratio_vs_hf:.2f} ({r.hf_best_impl}; rounds {min(r.ratio_rounds):.2f}-{max(r.ratio_rounds):.2f})",
             f"{100 * r.same_tokens:.0f}%",
             f"{r.weight_bytes_per_token / 2**20:,.1f}",
             f"{r.roofline_tok_s:,.1f}",
