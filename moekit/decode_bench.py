@@ -341,7 +341,7 @@ def plot_decode(rows: list[DecodeRow], path: str) -> None:
     ax.set_xticks(list(xs), [f"{r.model.removesuffix('-like')}\nbatch {r.batch}" for r in rows], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("decode tokens/s (log)")
-    ax.set_title(f"decode, fp32, {rows[0].threads} threads; label: x transformers, % of roofline", fontsize=9)
+    ax.set_title(f"decode, fp32, torch threads: {rows[0].threads}; label: x transformers, % of roofline", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, path, dpi=120, what="--plot")

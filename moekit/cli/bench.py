@@ -227,7 +227,7 @@ def _print_decode_table(rows: list[DecodeRow]) -> None:
     first = rows[0]
     impls = list(first.hf_tok_s)
     table = Table(
-        title=f"moekit bench --decode: cpu, float32, {first.threads} threads, greedy, {first.prompt_tokens}-token "
+        title=f"moekit bench --decode: cpu, float32, torch threads {first.threads}, greedy, {first.prompt_tokens}-token "
         f"prompt, {first.new_tokens} new tokens, median of {first.rounds} interleaved rounds; tokens/s",
         title_justify="left",
     )
