@@ -299,3 +299,31 @@ def test_decode_reads_only_chosen_experts_weights_in_place(monkeypatch):
         w = stacks[storage]  # in place: the weight is the stacked parameter's own storage
         per_expert = w[0].numel()
         assert offset % per_expert == 0 and offset // per_expert in chosen
+
+
+def test_auto_decodes_small_batches_and_keeps_the_sorted_dispatch_for_prefill(monkeypatch):
+    """In one generation, the prompt (tokens x top_k > 64) goes through the fused sorted dispatch and
+    every one-token step through the decode path; the tokens equal those of the reference loop."""
+    import moekit.layers.experts as experts_mod
+    from moekit.config import AttentionConfig, ModelConfig
+    from moekit.models import MoETransformer
+
+    cfg = ModelConfig(
+        vocab_size=50, d_model=16, n_layers=2, dense_ffn_dim=24, attention=AttentionConfig(n_heads=2),
+        moe=MoEConfig(n_routed_experts=8, top_k=4, expert_ffn_dim=8),
+    )  # fmt: skip
+    model = MoETransformer(cfg).eval()
+    calls = []
+    for name in ("fused", "decode"):
+        real = EXPERT_IMPLS[name]
+
+        def spy(ex, x_TD, d, w, real=real, name=name):
+            calls.append((name, x_TD.shape[0]))
+            return real(ex, x_TD, d, w)
+
+        monkeypatch.setitem(experts_mod.EXPERT_IMPLS, name, spy)
+    prompt = torch.randint(0, 50, (1, 20))
+    out = model.generate(prompt, 5, eos_token_id=[])
+    assert calls == [("fused", 20)] * 2 + [("decode", 1)] * 2 * 4  # prefill, then 4 steps x 2 layers
+    model.set_moe_impl("reference")
+    torch.testing.assert_close(model.generate(prompt, 5, eos_token_id=[]), out)
