@@ -191,7 +191,15 @@ def _load_transformers(folder: str):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    if not hasattr(model, "set_experts_implementation"):
+        import transformers
+
+        raise MoekitError(
+            f"bench --decode compares against transformers' experts implementations, which transformers "
+            f"{transformers.__version__} lacks; install transformers>=5 (pip install 'moekit[dev]')"
+        )
+    return model
 
 
 def _distinct_experts(model, prompt_BT: Tensor, new_tokens: int) -> float:

@@ -248,7 +248,7 @@ def test_cuda_bf16_grouped_mm_matches_fp32_reference(case):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("impl", ["fused", "loop", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["fused", "loop", "grouped_mm", "decode"])
 def test_cuda_fp32_impls_match_reference(impl):
     if impl == "grouped_mm":
         pytest.skip("torch._grouped_mm on CUDA is a bf16 kernel")
