@@ -51,6 +51,11 @@ def expert_threads(n: int | None):
         _threads_override = previous
 
 
+def worker_count() -> int:
+    """Threads the experts loops may use: ``expert_threads``' override, else torch's thread count."""
+    return _threads_override or torch.get_num_threads()
+
+
 def _single_threaded_worker() -> None:
     torch.get_num_threads()  # run torch's lazy per-thread setup now, so it cannot undo the next line
     torch.set_num_threads(1)  # this thread's OpenMP and MKL thread counts (plus a default, restored below)

@@ -54,6 +54,7 @@ from moekit.layers.expert_threads import (  # noqa: F401 (expert_threads, _worke
     _map_experts,
     _workers,
     expert_threads,
+    worker_count,
 )
 
 
@@ -240,6 +241,8 @@ def decode_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) -
     gate_N1 = weights_TK.reshape(-1).index_select(0, d.order_N).to(x_TD.dtype).unsqueeze(1)
     counts = d.counts_E.tolist()
     grad = torch.is_grad_enabled()
+    if not grad and x_TD.device.type == "cpu" and worker_count() > 1:
+        return _decode_on_workers(ex, x_TD, d, gate_N1, counts)
     w1s, w3s, w2s = (w.unbind(0) if grad and w.requires_grad else w for w in (ex.w1, ex.w3, ex.w2))
     tokens = d.token_N.tolist()
     b1s, b3s, b2s = (((None,) * ex.n_experts) if b is None else b for b in (ex.b1, ex.b3, ex.b2))
@@ -261,6 +264,27 @@ def decode_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) -
         return out_TD + 0 * _swiglu(x_TD[:0], ex.w1[0], ex.w3[0], ex.w2[0]).sum()
     y_ND = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out_TD.index_add(0, d.token_N, y_ND * gate_N1)
+
+
+def _decode_on_workers(ex: Experts, x_TD: Tensor, d: Dispatch, gate_N1: Tensor, counts: list[int]) -> Tensor:
+    """``decode_experts`` without autograd on more than one torch thread: the chosen experts split
+    among single-threaded workers (``_map_experts``), each adding its gated outputs into its own
+    ``[T, D]``. NOTE: the same ops on 2 intra-op threads ran 3-7x slower on a busy 2-core machine
+    (64 x 192 x 512, top-8, one layer: 11.5 against 3.6 ms at one token), since every tiny op forks
+    and joins the OpenMP team."""
+
+    def run(experts, acc_TD: Tensor) -> None:
+        for e, tok_n, gate_n1 in experts:
+            x_nD = x_TD.index_select(0, tok_n)
+            b1, b3, b2 = (None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2))
+            if tok_n.shape[0] == 1:
+                h_F = F.silu(_mv(ex.w1[e], x_nD[0], b1)) * _mv(ex.w3[e], x_nD[0], b3)
+                y_nD = _mv(ex.w2[e], h_F, b2).unsqueeze(0)
+            else:
+                y_nD = F.linear(F.silu(F.linear(x_nD, ex.w1[e], b1)) * F.linear(x_nD, ex.w3[e], b3), ex.w2[e], b2)
+            acc_TD.index_add_(0, tok_n, y_nD * gate_n1)
+
+    return _map_experts(run, counts, ex.ffn_dim, torch.zeros_like(x_TD), d.token_N, gate_N1)
 
 
 class _FusedExperts(torch.autograd.Function):

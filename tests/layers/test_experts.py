@@ -122,6 +122,18 @@ def test_fused_on_worker_threads_matches_reference(threads, case):
         assert_matches_reference(*make_case(**CASES[case]), "fused")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("case", ["fine-grained", "empty experts", "capacity drops", "one token", "everything dropped"])
+def test_decode_without_grad_on_worker_threads_matches_reference(threads, case):
+    """Inference on more than one thread hands the chosen experts to single-threaded workers."""
+    ex, x_TD, routing = make_case(**CASES[case])
+    ex.impl = "decode"
+    d = sort_by_expert(routing.idx_TK, ex.n_experts, routing.keep_TK)
+    with torch.no_grad(), expert_threads(threads):
+        y_TD = ex.routed(x_TD, d, routing.weights_TK)
+        torch.testing.assert_close(y_TD, reference_routed(ex, x_TD, routing), atol=1e-5, rtol=1e-5)
+
+
 def test_worker_threads_are_single_threaded_and_leave_torch_alone():
     before = torch.get_num_threads()
     pool = _workers(2)
