@@ -25,7 +25,8 @@ Two entry points:
   - "loop": permute all rows once, one autograd chain per expert on its contiguous slice, combine;
   - "grouped_mm": permute, ``torch._grouped_mm`` for all experts at once, combine (CUDA bf16);
   - "decode": small batches (tokens x top_k <= ``DECODE_MAX_ASSIGNMENTS``): only the chosen experts,
-    each one's weights read in place (``w1[e]`` is a view), in the calling thread;
+    each one's weights read in place (``w1[e]`` is a view), in the calling thread (or, for
+    inference on several threads, on the fused loop's single-threaded workers);
   - "auto": "grouped_mm" where it is supported and fast (CUDA, bf16, aligned widths), else "decode"
     for small batches and "fused" for the rest (prefill, training).
 - ``Experts.forward(x_ND, counts_E) -> y_ND``: rows already in expert order (as expert
@@ -217,10 +218,11 @@ def fused_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) ->
 # 0.55-0.79 ms, ``torch._grouped_mm`` over the stacked weights 1.2 ms (one matmul per group, the 56
 # empty ones included), the fused path 1.7-2.6 ms (its sort and its worker threads, which a busy
 # machine deschedules). Gate and up stay two matmuls: the layout keeps w1 and w3 apart, and one
-# matmul over both would need a concatenated copy of the weights. Up to 64 assignments (batch 8 x
-# top-8) the per-expert loop in one thread still beats handing the experts to workers. A single row
-# goes through ``torch.linalg.vecdot(w, x)`` rather than ``F.linear``/``torch.mv`` (MKL's sgemv on
-# this AMD CPU): 65 against 85 us per cold 192 x 512 matrix, a whole decode step 32.4 against 36.3 ms.
+# matmul over both would need a concatenated copy of the weights. At 64 assignments (batch 8 x
+# top-8, 8 such layers, busy machine) this path and the fused one ran level: 9.0 against 9.7 ms per
+# layer on one thread, 22 against 26 ms on two; past that the sorted dispatch takes over. A single
+# row goes through ``torch.linalg.vecdot(w, x)`` rather than ``F.linear``/``torch.mv`` (MKL's sgemv
+# on this AMD CPU): 65 against 85 us per cold 192 x 512 matrix, a whole decode step 32.4 against 36.3 ms.
 DECODE_MAX_ASSIGNMENTS = 64
 
 
