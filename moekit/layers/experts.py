@@ -214,8 +214,8 @@ def fused_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) ->
 
 # NOTE (decode): at batch 1 a token reads its top_k experts' weights once; the time is those bytes
 # over the memory bandwidth plus a few microseconds per op. Measured on 2 busy cores, 64 experts
-# of 192 x 512, top-8, one token, one thread, weights cache-warm: a per-expert loop of torch.mv 0.48-0.62 ms, with F.linear
-# 0.55-0.79 ms, ``torch._grouped_mm`` over the stacked weights 1.2 ms (one matmul per group, the 56
+# of 192 x 512, top-8, one token, one thread, weights cache-warm: a per-expert loop of torch.mv
+# 0.48-0.62 ms, of F.linear 0.55-0.79 ms, ``torch._grouped_mm`` over the stacked weights 1.2 ms (one matmul per group, the 56
 # empty ones included), the fused path 1.7-2.6 ms (its sort and its worker threads, which a busy
 # machine deschedules). Gate and up stay two matmuls: the layout keeps w1 and w3 apart, and one
 # matmul over both would need a concatenated copy of the weights. At 64 assignments (batch 8 x
