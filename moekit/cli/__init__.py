@@ -23,7 +23,19 @@ import sys
 from moekit.errors import MoekitError
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ["quickstart", "params", "plan", "convert", "train", "eval", "generate", "plot", "compare", "bench"]
+COMMANDS = [
+    "quickstart",
+    "params",
+    "plan",
+    "convert",
+    "train",
+    "eval",
+    "generate",
+    "trace",
+    "plot",
+    "compare",
+    "bench",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -6,6 +6,10 @@ forward+backward. The moekit and reference timings include the router. ``--json`
 ``moekit.bench.BenchRow.to_dict()`` objects: ``shape``, ``tokens``, ``pass``, ``moekit_ms``,
 ``reference_ms``, ``dense_ms``, ``ratio_vs_dense``, ``speedup_vs_reference``, ``*_peak_mib``,
 ``memory_vs_dense``, ``*_tflops`` and what ran (impl, device, dtype, threads, widths, load).
+
+``--decode`` times whole-model greedy decoding instead (``moekit.decode_bench``): moekit's
+``generate`` against transformers' on the same saved checkpoint, at batch 1 and 8, with the
+memory-bandwidth roofline; ``--json`` then prints ``DecodeRow.to_dict()`` objects.
 """
 
 from __future__ import annotations
@@ -19,11 +23,22 @@ import torch
 
 from moekit.bench import QUICK_SHAPES, SHAPES, BenchRow, plot_results, run_bench
 from moekit.cli.args import positive_float, positive_int
+from moekit.decode_bench import (
+    DECODE_MODELS,
+    DEFAULT_HF_IMPLS,
+    HF_EXPERT_IMPLS,
+    QUICK_DECODE_MODELS,
+    DecodeRow,
+    plot_decode,
+    run_decode_bench,
+)
 from moekit.errors import MoekitError
 from moekit.files import check_may_replace_file, write_text
 
 DEFAULT_REPEATS = 10
 QUICK_REPEATS = 2
+DECODE_REPEATS = 5
+DECODE_NEW_TOKENS = 16
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--repeats",
         type=positive_int,
         default=None,
-        help=f"timed rounds per row (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick)",
+        help=f"timed rounds per row (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick; "
+        f"--decode: {DECODE_REPEATS}, 1 with --quick)",
     )
     p.add_argument("--shape", action="append", choices=list(SHAPES), help="only this shape (repeatable)")
     p.add_argument(
@@ -63,6 +79,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch intra-op threads, for every variant alike (default: torch's, usually the core count)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory measurement")
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="time whole-model decoding: moekit vs transformers' generate on one checkpoint, and the "
+        "memory-bandwidth roofline (needs moekit[hf]; minutes)",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        choices=list(DECODE_MODELS),
+        help="--decode: only this model (repeatable; default both)",
+    )
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        action="append",
+        help="--decode: sequences decoded together (repeatable; default 1 and 8)",
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"--decode: tokens generated per run (default {DECODE_NEW_TOKENS})",
+    )
+    p.add_argument(
+        "--hf-impl",
+        action="append",
+        choices=list(HF_EXPERT_IMPLS),
+        help=f"--decode: transformers experts implementation to time (repeatable; default {' and '.join(DEFAULT_HF_IMPLS)})",
+    )
     p.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart of time relative to dense")
     p.add_argument("--save", metavar="FILE", help="also write the --json rows to FILE (written first, before the plot)")
     p.add_argument(
@@ -77,6 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.ep is not None:
         return run_ep(args)
+    if args.decode:
+        return run_decode(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     selected = [shapes[name] for name in args.shape] if args.shape else list(shapes.values())
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
@@ -131,6 +179,94 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"Plot written to {args.plot}.")
     return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    models = QUICK_DECODE_MODELS if args.quick else DECODE_MODELS
+    if args.model:
+        models = {name: models[name] for name in args.model}
+    batches = args.batch or ([1, 2] if args.quick else [1, 8])
+    new_tokens = args.new_tokens or (6 if args.quick else DECODE_NEW_TOKENS)
+    if new_tokens < 2:
+        raise MoekitError("--new-tokens must be at least 2 (decode speed is timed between new tokens)")
+    rounds = args.repeats or (1 if args.quick else DECODE_REPEATS)
+    if args.save:
+        check_may_replace_file(args.save, "--save")
+    if args.plot:
+        check_may_replace_file(args.plot, "--plot")
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    say = (lambda _label: None) if args.json else (lambda label: print(f"bench --decode: {label}", file=sys.stderr))
+    try:
+        rows = run_decode_bench(
+            models,
+            batches,
+            new_tokens=new_tokens,
+            rounds=rounds,
+            hf_impls=args.hf_impl or DEFAULT_HF_IMPLS,
+            on_progress=say,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    text = json.dumps([r.to_dict() for r in rows], indent=2)
+    if args.json:
+        print(text, flush=True)
+    else:
+        _print_decode_table(rows)
+    if args.save:
+        write_text(args.save, text + "\n", "--save")
+        if not args.json:
+            print(f"Rows written to {args.save}.")
+    if args.plot:
+        plot_decode(rows, args.plot)
+        if not args.json:
+            print(f"Plot written to {args.plot}.")
+    return 0
+
+
+def _print_decode_table(rows: list[DecodeRow]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 200)
+    first = rows[0]
+    impls = list(first.hf_tok_s)
+    table = Table(
+        title=f"moekit bench --decode: cpu, float32, torch threads {first.threads}, greedy, {first.prompt_tokens}-token "
+        f"prompt, {first.new_tokens} new tokens, median of {first.rounds} interleaved rounds; tokens/s",
+        title_justify="left",
+    )
+    for col in ["model", "batch", "moekit", *(f"hf {i}" for i in impls), "moekit/hf best", "same tokens"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for col in ["MiB/token", "roofline", "of roofline"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.model,
+            str(r.batch),
+            f"{r.moekit_tok_s:,.1f}",
+            *(f"{r.hf_tok_s[i]:,.1f}" for i in impls),
+            f"{r.ratio_vs_hf:.2f} ({r.hf_best_impl}; rounds {min(r.ratio_rounds):.2f}-{max(r.ratio_rounds):.2f})",
+            f"{100 * r.same_tokens:.0f}%",
+            f"{r.weight_bytes_per_token / 2**20:,.1f}",
+            f"{r.roofline_tok_s:,.1f}",
+            f"{100 * r.roofline_fraction:.0f}%",
+        )
+    console.print(table)
+    loads = [r.load_avg_1m for r in rows if r.load_avg_1m is not None]
+    notes = [
+        "Decode tokens/s = batch x (steps - 1) / time between the first and last new token (prefill left out).",
+        "MiB/token: weights one decode step reads / batch: always-active weights (one embedding row) + the distinct "
+        "routed experts the step chose (accounting x routing).",
+        f"Roofline = read bandwidth / MiB per token; read bandwidth {first.read_gb_s:.1f} GB/s "
+        "(median torch.sum over a 512 MiB fp32 tensor, same threads).",
+    ]
+    if loads:
+        notes.append(f"Machine load average while timing: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs.")
+    console.print("\n".join(notes))
 
 
 class _Progress:

@@ -24,7 +24,11 @@ Two entry points:
     scatters its gate-weighted output into ``y`` and has a hand-written backward (CPU default);
   - "loop": permute all rows once, one autograd chain per expert on its contiguous slice, combine;
   - "grouped_mm": permute, ``torch._grouped_mm`` for all experts at once, combine (CUDA bf16);
-  - "auto": "grouped_mm" where it is supported and fast (CUDA, bf16, aligned widths), else "fused".
+  - "decode": small batches (tokens x top_k <= ``DECODE_MAX_ASSIGNMENTS``): only the chosen experts,
+    each one's weights read in place (``w1[e]`` is a view), in the calling thread (or, for
+    inference on several threads, on the fused loop's single-threaded workers);
+  - "auto": "grouped_mm" where it is supported and fast (CUDA, bf16, aligned widths), else "decode"
+    for small batches and "fused" for the rest (prefill, training).
 - ``Experts.forward(x_ND, counts_E) -> y_ND``: rows already in expert order (as expert
   parallelism's all-to-all delivers them): grouped_mm where ``impl`` resolves to it, else the loop.
 
@@ -39,17 +43,20 @@ default; on CUDA it is one kernel and the natural choice.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.layers.dispatch import Dispatch, combine, permute
+from moekit.layers.expert_threads import (  # noqa: F401 (expert_threads, _workers, _balanced_groups: re-exported)
+    _balanced_groups,
+    _map_experts,
+    _workers,
+    expert_threads,
+    worker_count,
+)
 
 
 class Experts(nn.Module):
@@ -84,15 +91,19 @@ class Experts(nn.Module):
         for w in (self.w1, self.w3, self.w2):
             nn.init.normal_(w, std=std)
 
-    def resolved_impl(self, x: Tensor) -> str:
-        """The implementation ``routed`` runs for input ``x`` ("auto" resolved by device and dtype)."""
+    def resolved_impl(self, x: Tensor, n_assignments: int | None = None) -> str:
+        """The implementation ``routed`` runs for input ``x`` with ``n_assignments`` (token, expert)
+        pairs ("auto" resolved by device, dtype and batch size; None: a large batch)."""
         if self._impl != "auto":
             return self._impl
-        return "grouped_mm" if grouped_mm_supported(self, x) else "fused"
+        if grouped_mm_supported(self, x):
+            return "grouped_mm"
+        small = n_assignments is not None and n_assignments <= DECODE_MAX_ASSIGNMENTS
+        return "decode" if small else "fused"
 
     def routed(self, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) -> Tensor:
         """``y_TD[t] = sum_k weights_TK[t, k] * expert_{idx[t, k]}(x_TD[t])`` over kept assignments."""
-        return EXPERT_IMPLS[self.resolved_impl(x_TD)](self, x_TD, d, weights_TK)
+        return EXPERT_IMPLS[self.resolved_impl(x_TD, weights_TK.numel())](self, x_TD, d, weights_TK)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Each expert applied to its contiguous slice of expert-sorted rows: ``[N, D]``."""
@@ -201,6 +212,83 @@ def fused_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) ->
     return _FusedExperts.apply(d.token_N, d.counts_E.tolist(), save, *tensors)
 
 
+# NOTE (decode): at batch 1 a token reads its top_k experts' weights once; the time is those bytes
+# over the memory bandwidth plus a few microseconds per op. Measured on 2 busy cores, 64 experts
+# of 192 x 512, top-8, one token, one thread, weights cache-warm: a per-expert loop of torch.mv
+# 0.48-0.62 ms, of F.linear 0.55-0.79 ms, ``torch._grouped_mm`` over the stacked weights 1.2 ms (one matmul per group, the 56
+# empty ones included), the fused path 1.7-2.6 ms (its sort and its worker threads, which a busy
+# machine deschedules). Gate and up stay two matmuls: the layout keeps w1 and w3 apart, and one
+# matmul over both would need a concatenated copy of the weights. At 64 assignments (batch 8 x
+# top-8, 8 such layers, busy machine) this path and the fused one ran level: 9.0 against 9.7 ms per
+# layer on one thread, 22 against 26 ms on two; past that the sorted dispatch takes over. A single
+# row goes through ``torch.linalg.vecdot(w, x)`` rather than ``F.linear``/``torch.mv`` (MKL's sgemv
+# on this AMD CPU): 65 against 85 us per cold 192 x 512 matrix, a whole decode step 32.4 against 36.3 ms.
+DECODE_MAX_ASSIGNMENTS = 64
+
+
+def _mv(w_OI: Tensor, x_I: Tensor, b_O: Tensor | None) -> Tensor:
+    """``w @ x (+ b)`` as ``linalg.vecdot`` (see the NOTE above), ``[O]``."""
+    y_O = torch.linalg.vecdot(w_OI, x_I)
+    return y_O if b_O is None else y_O + b_O
+
+
+def decode_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) -> Tensor:
+    """Only the chosen experts, in the calling thread: per expert with rows, its gate, up and down
+    projections on its rows (one row: a vector, read straight from ``x``), weights used in place.
+
+    Plain autograd ops, so it also trains (on unbound weight views: no full-size zero gradient
+    per expert); the gate weights scale the concatenated outputs once, and one ``index_add``
+    returns them to their tokens.
+    """
+    gate_N1 = weights_TK.reshape(-1).index_select(0, d.order_N).to(x_TD.dtype).unsqueeze(1)
+    counts = d.counts_E.tolist()
+    grad = torch.is_grad_enabled()
+    if not grad and x_TD.device.type == "cpu" and worker_count() > 1:
+        return _decode_on_workers(ex, x_TD, d, gate_N1, counts)
+    w1s, w3s, w2s = (w.unbind(0) if grad and w.requires_grad else w for w in (ex.w1, ex.w3, ex.w2))
+    tokens = d.token_N.tolist()
+    b1s, b3s, b2s = (((None,) * ex.n_experts) if b is None else b for b in (ex.b1, ex.b3, ex.b2))
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        if n == 1:  # one row: matrix-vector products
+            x_D = x_TD[tokens[start]]
+            h_F = F.silu(_mv(w1s[e], x_D, b1s[e])) * _mv(w3s[e], x_D, b3s[e])
+            outs.append(_mv(w2s[e], h_F, b2s[e]).unsqueeze(0))
+        else:
+            x_nD = x_TD.index_select(0, d.token_N[start : start + n])
+            h_nF = F.silu(F.linear(x_nD, w1s[e], b1s[e])) * F.linear(x_nD, w3s[e], b3s[e])
+            outs.append(F.linear(h_nF, w2s[e], b2s[e]))
+        start += n
+    out_TD = torch.zeros_like(x_TD)
+    if not outs:  # every assignment dropped: link the weights so they get zero gradients
+        return out_TD + 0 * _swiglu(x_TD[:0], ex.w1[0], ex.w3[0], ex.w2[0]).sum()
+    y_ND = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out_TD.index_add(0, d.token_N, y_ND * gate_N1)
+
+
+def _decode_on_workers(ex: Experts, x_TD: Tensor, d: Dispatch, gate_N1: Tensor, counts: list[int]) -> Tensor:
+    """``decode_experts`` without autograd on more than one torch thread: the chosen experts split
+    among single-threaded workers (``_map_experts``), each adding its gated outputs into its own
+    ``[T, D]``. NOTE: the same ops on 2 intra-op threads ran 3-7x slower on a busy 2-core machine
+    (64 x 192 x 512, top-8, one layer: 11.5 against 3.6 ms at one token), since every tiny op forks
+    and joins the OpenMP team."""
+
+    def run(experts, acc_TD: Tensor) -> None:
+        for e, tok_n, gate_n1 in experts:
+            x_nD = x_TD.index_select(0, tok_n)
+            b1, b3, b2 = (None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2))
+            if tok_n.shape[0] == 1:
+                h_F = F.silu(_mv(ex.w1[e], x_nD[0], b1)) * _mv(ex.w3[e], x_nD[0], b3)
+                y_nD = _mv(ex.w2[e], h_F, b2).unsqueeze(0)
+            else:
+                y_nD = F.linear(F.silu(F.linear(x_nD, ex.w1[e], b1)) * F.linear(x_nD, ex.w3[e], b3), ex.w2[e], b2)
+            acc_TD.index_add_(0, tok_n, y_nD * gate_n1)
+
+    return _map_experts(run, counts, ex.ffn_dim, torch.zeros_like(x_TD), d.token_N, gate_N1)
+
+
 class _FusedExperts(torch.autograd.Function):
     """Gather -> SwiGLU -> gate-weighted scatter, one expert at a time, with a hand-written backward.
 
@@ -295,127 +383,9 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None) -> Tenso
     return torch.addmm(b, x, w.t()) if out is None else torch.addmm(b, x, w.t(), out=out)
 
 
-# --- CPU threads for the fused loop ----------------------------------------------------------
-# NOTE: fine-grained experts get tens of rows each, and matmuls that small gain little from torch's
-# intra-op threads: every op forks and joins the OpenMP team, and on a machine shared with other
-# work each join can wait a whole time slice for a descheduled (or spinning) team member. Measured
-# on 2 cores, DeepSeek-V3-like (256 experts x 128 wide, 2048 tokens) forward: 2.04x dense with 2
-# intra-op threads against 1.58x with 2 single-threaded workers (OMP_WAIT_POLICY=passive), and 45x
-# against 2.0x with OpenMP's default spin-waiting on a busy machine. So for small experts the loop
-# splits the experts into ``torch.get_num_threads()`` contiguous groups of about equal rows and runs
-# each on a worker thread whose torch ops are single-threaded (ops release the GIL). Workers write
-# disjoint weight-gradient slices; each has its own ``[T, D]`` accumulator, summed once at the end.
-# Big experts (many rows x wide) keep torch's intra-op threads, which split one large matmul well.
-# Measured on 2 idle cores, hidden 1024: Mixtral-like at 2048 tokens (512 rows x 1024 wide per
-# expert) ran 0.94x dense inline and 1.23x on workers; DeepSeekMoE-like (192 x 256) 1.19x inline,
-# 1.13x on workers; its decode (6 x 256) 2.46x and 2.04x. Workers are used below this rows x width.
-_BIG_EXPERT = 2**18
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-_threads_override: int | None = None
-
-
-@contextlib.contextmanager
-def expert_threads(n: int | None):
-    """Run the fused CPU loop on ``n`` worker threads inside the block (1: in the calling thread
-    with torch's own intra-op threads; None, the default: ``torch.get_num_threads()`` workers for
-    small experts, the calling thread for big ones)."""
-    global _threads_override
-    if n is not None and n < 1:
-        raise ValueError(f"expert_threads needs n >= 1 or None, got {n}")
-    previous, _threads_override = _threads_override, n
-    try:
-        yield
-    finally:
-        _threads_override = previous
-
-
-def _single_threaded_worker() -> None:
-    torch.get_num_threads()  # run torch's lazy per-thread setup now, so it cannot undo the next line
-    torch.set_num_threads(1)  # this thread's OpenMP and MKL thread counts (plus a default, restored below)
-
-
-def _workers(n: int) -> ThreadPoolExecutor:
-    """``n`` started worker threads whose torch ops use one thread each (created once, then reused)."""
-    with _pools_lock:
-        if n not in _pools:
-            threads = torch.get_num_threads()
-            pool = ThreadPoolExecutor(n, thread_name_prefix="moekit-experts", initializer=_single_threaded_worker)
-            started = threading.Barrier(n + 1)
-            futures = [pool.submit(started.wait) for _ in range(n)]  # each blocks one thread: n start
-            started.wait()
-            for f in futures:
-                f.result()
-            torch.set_num_threads(threads)  # restore the process default the workers overwrote
-            _pools[n] = pool
-        return _pools[n]
-
-
-def _forget_workers() -> None:
-    global _pools_lock
-    _pools.clear()  # a forked child inherits the executors but none of their threads
-    _pools_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_workers)
-
-
-def _map_experts(
-    run: Callable[[list, Tensor | None], None], counts: list[int], ffn: int, acc_TD: Tensor | None, *rows_N
-) -> Tensor | None:
-    """Call ``run(experts, acc)`` on groups of the non-empty experts and return ``acc`` summed.
-
-    ``experts`` lists ``(e, *[rows of expert e in each of rows_N])`` (None stays None). Off the CPU,
-    with one thread, or when the experts' matmuls are big enough for torch's own threads (``ffn``,
-    the expert width, sizes them), it is one call in this thread; otherwise one call per worker,
-    each with its own zeroed copy of ``acc`` to accumulate into.
-    """
-    parts = [(None,) * len(counts) if r is None else r.split(counts) for r in rows_N]
-    experts = [(e, *(p[e] for p in parts)) for e, n in enumerate(counts) if n]
-    n_groups = 1
-    if rows_N[0].device.type == "cpu" and experts:
-        mean_rows = sum(counts) / len(experts)
-        threads = _threads_override or (torch.get_num_threads() if mean_rows * ffn < _BIG_EXPERT else 1)
-        n_groups = min(threads, len(experts))
-    if n_groups <= 1:
-        run(experts, acc_TD)
-        return acc_TD
-    groups = _balanced_groups(experts, [n for n in counts if n], n_groups)
-    accs = [acc_TD] + [None if acc_TD is None else torch.zeros_like(acc_TD) for _ in groups[1:]]
-    pool = _workers(n_groups)
-    futures = [pool.submit(_no_grad_call, run, group, acc) for group, acc in zip(groups, accs, strict=True)]
-    for f in futures:
-        f.result()
-    if acc_TD is not None:
-        for acc in accs[1:]:
-            acc_TD += acc
-    return acc_TD
-
-
-def _no_grad_call(run: Callable, *args) -> None:
-    with torch.no_grad():  # grad mode is per thread; inside the Function nothing is recorded
-        run(*args)
-
-
-def _balanced_groups(items: list, sizes: list[int], n: int) -> list[list]:
-    """Split ``items`` into at most ``n`` contiguous non-empty groups of about equal total size."""
-    total, groups, current, acc = sum(sizes), [], [], 0
-    for i, (item, size) in enumerate(zip(items, sizes, strict=True)):
-        current.append(item)
-        acc += size
-        remaining_items, remaining_groups = len(items) - i - 1, n - len(groups) - 1
-        if remaining_groups and (acc * n >= total * (len(groups) + 1) or remaining_items == remaining_groups):
-            groups.append(current)
-            current = []
-    if current:
-        groups.append(current)
-    return groups
-
-
 EXPERT_IMPLS: dict[str, Callable[[Experts, Tensor, Dispatch, Tensor], Tensor]] = {
     "fused": fused_experts,
     "loop": loop_experts,
     "grouped_mm": grouped_mm_experts,
+    "decode": decode_experts,
 }

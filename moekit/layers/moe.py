@@ -19,12 +19,15 @@ from moekit.layers.experts import Experts, _swiglu
 from moekit.layers.mlp import FeedForward
 from moekit.layers.router import Router, Routing
 
+FUSED_PATHS = ("fused", "decode")  # implementations that take tokens in and give tokens out
+
 
 class MoE(nn.Module):
     """Sparse FFN: routed experts chosen per token, plus always-on shared experts.
 
-    ``impl`` picks the routed-expert computation: "auto" (grouped_mm on CUDA bf16, else fused),
-    an ``EXPERT_IMPLS`` name ("fused", "loop", "grouped_mm") or "reference", the plain masked loop
+    ``impl`` picks the routed-expert computation: "auto" (grouped_mm on CUDA bf16, else decode for
+    small batches, fused for the rest),
+    an ``EXPERT_IMPLS`` name ("fused", "loop", "grouped_mm", "decode") or "reference", the plain masked loop
     over all experts kept for checking.
     ``vocab_size`` is needed only by hash routing (its token id -> expert table).
     """
@@ -65,8 +68,8 @@ class MoE(nn.Module):
         routing.n_seqs = shape[0] if x_BTD.dim() == 3 else 1  # for the sequence-wise balance loss
         if self._impl == "reference":
             y_TD = reference_routed(self.experts, x_TD, routing)
-        elif self.dispatcher.local and self.experts.resolved_impl(x_TD) == "fused":
-            # The local fast path: gather, experts and gate-weighted scatter in one pass, no [N, D] rows.
+        elif self.dispatcher.local and self.experts.resolved_impl(x_TD, routing.idx_TK.numel()) in FUSED_PATHS:
+            # The local fast paths: gather, experts and gate-weighted scatter in one pass, no [N, D] rows.
             y_TD = self.dispatcher.fused(self.experts, x_TD, routing)
         else:
             d = self.dispatcher.dispatch(x_TD, routing)  # rows in expert order (+ all-to-all)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from moekit.config import MoEConfig
 from moekit.layers.dispatch import permute, sort_by_expert
 from moekit.layers.experts import (
+    DECODE_MAX_ASSIGNMENTS,
     EXPERT_IMPLS,
     Experts,
     _balanced_groups,
@@ -22,7 +23,7 @@ from moekit.layers.experts import (
 from moekit.layers.moe import MoE, reference_routed
 from moekit.layers.router import Routing
 
-CPU_IMPLS = ["fused", "loop", "grouped_mm", "auto"]
+CPU_IMPLS = ["fused", "loop", "grouped_mm", "decode", "auto"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -121,6 +122,18 @@ def test_fused_on_worker_threads_matches_reference(threads, case):
         assert_matches_reference(*make_case(**CASES[case]), "fused")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("case", ["fine-grained", "empty experts", "capacity drops", "one token", "everything dropped"])
+def test_decode_without_grad_on_worker_threads_matches_reference(threads, case):
+    """Inference on more than one thread hands the chosen experts to single-threaded workers."""
+    ex, x_TD, routing = make_case(**CASES[case])
+    ex.impl = "decode"
+    d = sort_by_expert(routing.idx_TK, ex.n_experts, routing.keep_TK)
+    with torch.no_grad(), expert_threads(threads):
+        y_TD = ex.routed(x_TD, d, routing.weights_TK)
+        torch.testing.assert_close(y_TD, reference_routed(ex, x_TD, routing), atol=1e-5, rtol=1e-5)
+
+
 def test_worker_threads_are_single_threaded_and_leave_torch_alone():
     before = torch.get_num_threads()
     pool = _workers(2)
@@ -156,7 +169,7 @@ def test_random_shapes_match_reference(n_tokens, n_experts, k_frac, used_frac, d
     top_k = 1 + int(k_frac * (n_experts - 1))
     n_used = top_k + int(used_frac * (n_experts - top_k))
     case = make_case(n_tokens, n_experts, top_k, d_model, ffn, bias, n_used, drop, seed)
-    for impl in ("fused", "loop", "grouped_mm"):
+    for impl in ("fused", "loop", "grouped_mm", "decode"):
         assert_matches_reference(*case, impl)
 
 
@@ -202,7 +215,7 @@ def test_rows_entry_point_matches_reference(impl):
     assert x_TD.grad is not None
 
 
-@pytest.mark.parametrize("impl", ["fused", "loop", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["fused", "loop", "grouped_mm", "decode", "auto"])
 def test_moe_layer_matches_reference_incl_router_grads(impl):
     cfg = MoEConfig(n_routed_experts=8, top_k=3, expert_ffn_dim=8, n_shared_experts=1, expert_bias=True)
     moe = MoE(cfg, d_model=12, impl="reference")
@@ -220,10 +233,12 @@ def test_auto_picks_fused_on_cpu_and_unknown_impl_raises():
     ex = Experts(4, 8, 8)
     x = torch.randn(3, 8)
     assert ex.impl == "auto" and ex.resolved_impl(x) == "fused"
+    assert ex.resolved_impl(x, DECODE_MAX_ASSIGNMENTS) == "decode"  # small batches: only the chosen experts
+    assert ex.resolved_impl(x, DECODE_MAX_ASSIGNMENTS + 1) == "fused"
     assert not grouped_mm_supported(ex.to(torch.bfloat16), x.bfloat16())
     with pytest.raises(ValueError, match="unknown experts impl 'fast'"):
         ex.impl = "fast"
-    assert set(EXPERT_IMPLS) == {"fused", "loop", "grouped_mm"}
+    assert set(EXPERT_IMPLS) == {"fused", "loop", "grouped_mm", "decode"}
 
 
 @pytest.mark.cuda
@@ -245,7 +260,7 @@ def test_cuda_bf16_grouped_mm_matches_fp32_reference(case):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("impl", ["fused", "loop", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["fused", "loop", "grouped_mm", "decode"])
 def test_cuda_fp32_impls_match_reference(impl):
     if impl == "grouped_mm":
         pytest.skip("torch._grouped_mm on CUDA is a bf16 kernel")
@@ -263,3 +278,64 @@ def test_no_rows_gives_zero_not_missing_gradients(impl):
     y.sum().backward()
     for p in ex.parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+
+
+def test_decode_reads_only_chosen_experts_weights_in_place(monkeypatch):
+    """The decode path never copies a weight: every matmul's weight operand is a view into the
+    stacked tensors at a chosen expert's offset, and no other expert is touched."""
+    import moekit.layers.experts as experts_mod
+
+    ex, x_TD, routing = make_case(n_tokens=3, n_experts=6, top_k=3, d_model=8, ffn=6)  # single and shared rows
+    seen = []
+    real_linear, real_vecdot = experts_mod.F.linear, torch.linalg.vecdot
+
+    def spy_linear(x, w, b=None):
+        seen.append((w.untyped_storage().data_ptr(), w.storage_offset()))
+        return real_linear(x, w, b)
+
+    def spy_vecdot(w, x):  # one row: matrix-vector products
+        seen.append((w.untyped_storage().data_ptr(), w.storage_offset()))
+        return real_vecdot(w, x)
+
+    monkeypatch.setattr(experts_mod.F, "linear", spy_linear)
+    monkeypatch.setattr(torch.linalg, "vecdot", spy_vecdot)
+    ex.impl = "decode"
+    d = sort_by_expert(routing.idx_TK, ex.n_experts)
+    with torch.no_grad():
+        ex.routed(x_TD, d, routing.weights_TK)
+    stacks = {ex.w1.untyped_storage().data_ptr(): ex.w1, ex.w3.untyped_storage().data_ptr(): ex.w3}
+    stacks[ex.w2.untyped_storage().data_ptr()] = ex.w2
+    chosen = set(routing.idx_TK.reshape(-1).tolist())
+    assert len(seen) == 3 * len(chosen)  # gate, up, down: once per chosen expert
+    for storage, offset in seen:
+        w = stacks[storage]  # in place: the weight is the stacked parameter's own storage
+        per_expert = w[0].numel()
+        assert offset % per_expert == 0 and offset // per_expert in chosen
+
+
+def test_auto_decodes_small_batches_and_keeps_the_sorted_dispatch_for_prefill(monkeypatch):
+    """In one generation, the prompt (tokens x top_k > 64) goes through the fused sorted dispatch and
+    every one-token step through the decode path; the tokens equal those of the reference loop."""
+    import moekit.layers.experts as experts_mod
+    from moekit.config import AttentionConfig, ModelConfig
+    from moekit.models import MoETransformer
+
+    cfg = ModelConfig(
+        vocab_size=50, d_model=16, n_layers=2, dense_ffn_dim=24, attention=AttentionConfig(n_heads=2),
+        moe=MoEConfig(n_routed_experts=8, top_k=4, expert_ffn_dim=8),
+    )  # fmt: skip
+    model = MoETransformer(cfg).eval()
+    calls = []
+    for name in ("fused", "decode"):
+        real = EXPERT_IMPLS[name]
+
+        def spy(ex, x_TD, d, w, real=real, name=name):
+            calls.append((name, x_TD.shape[0]))
+            return real(ex, x_TD, d, w)
+
+        monkeypatch.setitem(experts_mod.EXPERT_IMPLS, name, spy)
+    prompt = torch.randint(0, 50, (1, 20))
+    out = model.generate(prompt, 5, eos_token_id=[])
+    assert calls == [("fused", 20)] * 2 + [("decode", 1)] * 2 * 4  # prefill, then 4 steps x 2 layers
+    model.set_moe_impl("reference")
+    torch.testing.assert_close(model.generate(prompt, 5, eos_token_id=[]), out)
