@@ -90,6 +90,22 @@ SMALL = {
         routed_scaling_factor=2.5,
         num_nextn_predict_layers=1,
     ),
+    "glm4_moe": dict(
+        BASE,
+        model_type="glm4_moe",
+        head_dim=24,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        moe_intermediate_size=12,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        use_qk_norm=True,
+        attention_bias=True,
+        partial_rotary_factor=0.5,
+        num_nextn_predict_layers=1,
+    ),
     "gpt_oss": dict(
         BASE, model_type="gpt_oss", head_dim=16, num_local_experts=4, num_experts_per_tok=2, layer_types=None
     ),

@@ -14,6 +14,7 @@ REGISTERED = {
     "deepseek",
     "deepseek_v2",
     "deepseek_v3",
+    "glm4_moe",
     "gpt_oss",
     "llama",
     "llama4",
@@ -27,7 +28,7 @@ REGISTERED = {
     "qwen3",
     "qwen3_moe",
 }
-LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe"}
 
 
 def test_every_registered_type_is_listed():
@@ -76,6 +77,11 @@ GQA = dict(n_heads=4, n_kv_heads=2)
             ),
             MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8),
             "deepseek_v3",
+        ),
+        (
+            AttentionConfig(**GQA, partial_rotary_factor=0.5),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, score_func="sigmoid"),
+            "glm4_moe",
         ),
     ],
 )

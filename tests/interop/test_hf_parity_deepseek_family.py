@@ -1,0 +1,133 @@
+"""The DeepSeek-MoE family beyond V3 against transformers: glm4_moe, deepseek_v2, dots1.
+
+Each case switches every option of its type on, with odd sizes (see ``hf_oracle`` for the checks):
+GLM-4.5's partial rotary, per-head q/k norm, q/k/v biases, sigmoid group-limited routing with a
+selection bias and shared experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import hf_oracle as oracle  # noqa: E402
+
+from moekit.interop.hf_weights import UnsupportedError  # noqa: E402
+from moekit.interop.pretrained import from_pretrained  # noqa: E402
+
+COMMON = dict(hidden_size=36, num_attention_heads=6, max_position_embeddings=64)
+CASES = {
+    # partial rotary 0.4 of head_dim 10 (a rotary width of 4), q/k norm, q/k/v biases,
+    # 8 experts in 4 groups, two of them kept, top-3, 2 shared experts, one dense layer first.
+    "glm4_moe": dict(
+        model_type="glm4_moe", num_hidden_layers=3, num_key_value_heads=2, head_dim=10, intermediate_size=26,
+        moe_intermediate_size=10, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+        n_shared_experts=2, routed_scaling_factor=1.7, first_k_dense_replace=1, use_qk_norm=True,
+        attention_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
+                                              "partial_rotary_factor": 0.4},
+        rms_norm_eps=1e-5,
+    ),
+    # GLM-4.5-Air-like: no q/k norm, one group, partial rotary 0.5 (by default) of head_dim 6: int(3) sets
+    # the frequencies and 4 dims rotate, as in transformers. Also: no renormalisation, tied embeddings.
+    "glm4_moe_plain": dict(
+        model_type="glm4_moe", num_hidden_layers=2, num_key_value_heads=3, intermediate_size=22,
+        moe_intermediate_size=14, n_routed_experts=5, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=0, norm_topk_prob=False, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    """(transformers model, moekit model loaded from its ``save_pretrained`` folder, folder)."""
+    kw = dict(CASES[request.param])
+    hf = oracle.build_hf(transformers, kw.pop("model_type"), **COMMON, **kw)
+    folder = tmp_path_factory.mktemp(request.param)
+    return hf, oracle.save_and_load(hf, folder), folder
+
+
+def test_logits_match_transformers(pair):
+    hf, model, _ = pair
+    oracle.check_logits(hf, model)
+
+
+def test_cached_decoding_equals_full_forward(pair):
+    oracle.check_cached_equals_full(pair[1])
+
+
+def test_greedy_generation_matches_transformers(pair):
+    hf, model, _ = pair
+    oracle.check_greedy(hf, model)
+
+
+def test_moekit_written_hf_folder_loads_in_transformers(pair, tmp_path):
+    hf, model, folder = pair
+    oracle.check_written_folder(transformers, hf, model, folder, tmp_path / "out")
+
+
+def test_config_round_trip(pair):
+    oracle.check_config_round_trip(pair[1])
+
+
+def test_fused_expert_layout_loads(tmp_path):
+    """A raw transformers-5 state_dict (fused ``gate_up_proj`` / ``down_proj``) loads too."""
+    from safetensors.torch import save_file
+
+    kw = dict(CASES["glm4_moe"])
+    hf = oracle.build_hf(transformers, kw.pop("model_type"), **COMMON, **kw)
+    hf.config.save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd)
+    save_file(sd, tmp_path / "model.safetensors")
+    oracle.check_logits(hf, from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
+        {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]},
+    ],
+)
+def test_quantized_checkpoints_are_refused_naming_the_quantization(case, quant, tmp_path):
+    kw = dict(CASES[case])
+    hf = oracle.build_hf(transformers, kw.pop("model_type"), **COMMON, **kw)
+    hf.save_pretrained(tmp_path)
+    import json
+
+    d = json.loads((tmp_path / "config.json").read_text())
+    d["quantization_config"] = quant
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(UnsupportedError) as e:
+        from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "quantization_config" in msg and quant["quant_method"] in msg
+
+
+def test_glm4_moe_default_partial_rotary_is_half():
+    """GLM configs without partial_rotary_factor rotate half of each head, as transformers does."""
+    from moekit.interop.hf_config import config_from_hf
+
+    kw = dict(CASES["glm4_moe_plain"])
+    d = {"vocab_size": 97, **COMMON, **kw}
+    assert config_from_hf(d).attention.partial_rotary_factor == 0.5
+    assert transformers.AutoConfig.for_model(**d).rope_parameters["partial_rotary_factor"] == 0.5
+
+
+def test_partial_rotary_leaves_the_tail_unrotated():
+    """Dims past int(head_dim * factor) are the same at every position; the rotated part is plain rope."""
+    from moekit.config import AttentionConfig
+    from moekit.layers.attention import Attention
+    from moekit.layers.rope import RotaryEmbedding, apply_rope
+
+    cfg = AttentionConfig(n_heads=2, n_kv_heads=1, head_dim=10, partial_rotary_factor=0.4)
+    att = Attention(cfg, 12, 1e-6)
+    x = torch.randn(1, 2, 5, 10)
+    cos, sin = att.rope(torch.arange(5))
+    y = att._rotate(x, cos, sin)
+    torch.testing.assert_close(y[..., 4:], x[..., 4:])
+    want = apply_rope(x[..., :4], *RotaryEmbedding(4, cfg.rope_theta)(torch.arange(5)))
+    torch.testing.assert_close(y[..., :4], want)
