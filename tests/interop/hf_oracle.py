@@ -66,6 +66,7 @@ def check_logits(hf, model, tol: float = 1e-5) -> None:
 
 def check_cached_equals_full(model, t: int = 40) -> None:
     """Prefill 7, a chunk of 4, then single tokens: the logits of one full pass."""
+    model.set_moe_impl("loop")  # NOTE: the threaded CPU path costs ~0.4 s per tiny step on a loaded machine
     ids = random_ids(2, t, seed=3)
     cache = model.new_cache(2, t)
     out, start = [], 0
@@ -81,6 +82,7 @@ def check_cached_equals_full(model, t: int = 40) -> None:
 def check_greedy(hf, model, n: int = 16) -> None:
     """Greedy tokens equal transformers' (cached on both sides), where its top-2 gap is not a tie."""
     ids = random_ids(batch=1, t=8)
+    model.set_moe_impl("loop")
     ours = model.generate(ids, max_new_tokens=n)
     out = hf.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,

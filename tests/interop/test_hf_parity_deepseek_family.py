@@ -7,6 +7,8 @@ selection bias and shared experts.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -18,6 +20,10 @@ from moekit.interop.hf_weights import UnsupportedError  # noqa: E402
 from moekit.interop.pretrained import from_pretrained  # noqa: E402
 
 COMMON = dict(hidden_size=36, num_attention_heads=6, max_position_embeddings=64)
+YARN = {
+    "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+    "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 5000.0,
+}  # fmt: skip
 CASES = {
     # partial rotary 0.4 of head_dim 10 (a rotary width of 4), q/k norm, q/k/v biases,
     # 8 experts in 4 groups, two of them kept, top-3, 2 shared experts, one dense layer first.
@@ -35,6 +41,22 @@ CASES = {
         model_type="glm4_moe", num_hidden_layers=2, num_key_value_heads=3, intermediate_size=22,
         moe_intermediate_size=14, n_routed_experts=5, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=0, norm_topk_prob=False, tie_word_embeddings=True,
+    ),
+    # No q compression, attention biases, group-limited greedy (groups ranked by their best expert),
+    # YaRN with mscale_all_dim (sharper softmax) past its original 16 positions, routed scaling.
+    "deepseek_v2": dict(
+        model_type="deepseek_v2", num_hidden_layers=3, num_key_value_heads=6, intermediate_size=26,
+        moe_intermediate_size=10, n_routed_experts=9, num_experts_per_tok=3, n_group=3, topk_group=2,
+        topk_method="group_limited_greedy", n_shared_experts=2, routed_scaling_factor=16.0, first_k_dense_replace=1,
+        q_lora_rank=None, kv_lora_rank=14, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=10,
+        attention_bias=True, rope_scaling=YARN, rms_norm_eps=1e-5,
+    ),
+    # V2 proper: q compression, plain greedy top-k, one shared expert, tied embeddings.
+    "deepseek_v2_greedy": dict(
+        model_type="deepseek_v2", num_hidden_layers=2, num_key_value_heads=6, intermediate_size=22,
+        moe_intermediate_size=12, n_routed_experts=5, num_experts_per_tok=2, topk_method="greedy",
+        n_shared_experts=1, routed_scaling_factor=1.3, first_k_dense_replace=0, q_lora_rank=18, kv_lora_rank=10,
+        qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=7, tie_word_embeddings=True,
     ),
 }  # fmt: skip
 
@@ -84,7 +106,6 @@ def test_fused_expert_layout_loads(tmp_path):
     oracle.check_logits(hf, from_pretrained(tmp_path))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize(
     "quant",
     [
@@ -92,13 +113,9 @@ def test_fused_expert_layout_loads(tmp_path):
         {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]},
     ],
 )
-def test_quantized_checkpoints_are_refused_naming_the_quantization(case, quant, tmp_path):
-    kw = dict(CASES[case])
-    hf = oracle.build_hf(transformers, kw.pop("model_type"), **COMMON, **kw)
-    hf.save_pretrained(tmp_path)
-    import json
-
-    d = json.loads((tmp_path / "config.json").read_text())
+def test_quantized_checkpoints_are_refused_naming_the_quantization(pair, quant, tmp_path):
+    """FP8 block-scaled and MXFP4 configs: one line naming quantization_config and its method."""
+    d = json.loads((pair[2] / "config.json").read_text())
     d["quantization_config"] = quant
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(UnsupportedError) as e:

@@ -28,7 +28,7 @@ REGISTERED = {
     "qwen3",
     "qwen3_moe",
 }
-LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe"}
+LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe"}
 
 
 def test_every_registered_type_is_listed():
@@ -76,6 +76,13 @@ GQA = dict(n_heads=4, n_kv_heads=2)
                 n_heads=2, kind="mla", kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4
             ),
             MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8),
+            "deepseek_v2",
+        ),
+        (
+            AttentionConfig(
+                n_heads=2, kind="mla", kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4
+            ),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, score_func="sigmoid"),
             "deepseek_v3",
         ),
         (
