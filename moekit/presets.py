@@ -350,23 +350,28 @@ PRESETS: dict[str, ModelConfig] = {
     "deepseek-llm-7b": _dense("deepseek-llm-7b", 102400, 4096, 30, 32, 11008, 1e-6),
     # Tiny models for tests and CPU demos (a few million parameters). vocab_size is meant to be
     # overridden by the tokenizer actually used: get_preset("tiny").replace(vocab_size=...).
-    # "tiny" is DeepSeekMoE in miniature: layer 0 dense, then fine-grained experts (a 512-wide
-    # FFN split into 4, 16 routed, top-4) plus one always-on shared expert.
+    # "tiny" is DeepSeek-V3's MoE in miniature: layer 0 dense, then fine-grained experts (a
+    # 512-wide FFN split into 4, 16 routed, top-4) plus one always-on shared expert; sigmoid scores
+    # renormalised over the chosen, auxiliary-loss-free balancing (gamma 0.003, measured in the
+    # README's balancing study) and grouped-query attention. A design Hugging Face's glm4_moe
+    # expresses exactly, so a trained tiny model exports to a folder transformers loads natively.
     "tiny": ModelConfig(
         name="tiny",
         vocab_size=4096,
         d_model=256,
         n_layers=4,
-        attention=AttentionConfig(n_heads=4, n_kv_heads=4),
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2),
         dense_ffn_dim=768,
         moe=MoEConfig(
             n_routed_experts=16,
             top_k=4,
             expert_ffn_dim=128,
             n_shared_experts=1,
-            norm_topk_prob=False,
+            score_func="sigmoid",
+            norm_topk_prob=True,
             first_k_dense=1,
-            aux_loss_coef=0.01,  # DeepSeekMoE 2B's expert-level alpha_1
+            aux_free_rate=0.003,
+            seq_aux_loss_coef=0.0001,  # DeepSeek-V3's sequence-wise alpha
         ),
         max_seq_len=512,
     ),

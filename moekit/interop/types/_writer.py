@@ -9,15 +9,40 @@ legacy ``rope_theta``/``rope_scaling`` form, which every transformers release si
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.types._base import UnsupportedError
 
+# While ``mismatches`` runs a writer, ``require`` records every failed check here instead of raising.
+_FOUND: ContextVar[list[str] | None] = ContextVar("_FOUND", default=None)
+
 
 def require(ok: bool, field: str, value: Any, model_type: str, expected: str) -> None:
-    if not ok:
+    if ok:
+        return
+    found = _FOUND.get()
+    if found is None:
         raise UnsupportedError(f"{field}={value!r} cannot be written as model_type {model_type!r}: expected {expected}")
+    found.append(f"{field}={value!r} (expected {expected})")
+
+
+def mismatches(write: Callable[[ModelConfig], dict[str, Any]], cfg: ModelConfig) -> list[str]:
+    """Every field of ``cfg`` that ``write``'s model type cannot express (empty: it can)."""
+    found: list[str] = []
+    token = _FOUND.set(found)
+    try:
+        write(cfg)
+    except UnsupportedError as e:  # a check that cannot go on (no MoE config at all)
+        found.append(str(e))
+    except (AssertionError, ArithmeticError, TypeError, ValueError) as e:  # a check past a failed one
+        if not found:
+            found.append(f"{type(e).__name__}: {e}")
+    finally:
+        _FOUND.reset(token)
+    return found
 
 
 def common(cfg: ModelConfig, model_type: str, architecture: str) -> tuple[MoEConfig, dict[str, Any]]:
