@@ -61,6 +61,11 @@ class AttentionConfig:
     # 0.5). As in transformers, r = int(head_dim * factor) sets the frequencies (theta^(-2i/r),
     # i < ceil(r/2)) and 2 * ceil(r/2) dims are rotated. GQA only; MLA has qk_rope_head_dim.
     partial_rotary_factor: float = 1.0
+    # Sliding-window attention (gpt-oss, Mistral): a query sees itself and the sliding_window - 1
+    # slots before it, in the layers listed in sliding_layers (None: every layer). Their KV cache
+    # holds only the window.
+    sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
     # Multi-head latent attention (DeepSeek-V2/V3), used when kind == "mla".
     q_lora_rank: int | None = None  # None: a plain q projection (V2-Lite)
     kv_lora_rank: int = 512
@@ -74,6 +79,10 @@ class AttentionConfig:
         check_choice("attention.kind", self.kind, ("gqa", "mla"))
         check_choice("attention.qk_norm", self.qk_norm, ("none", "head", "full", "l2"))
         check_positive("attention.rope_theta", self.rope_theta)
+        if self.sliding_window is not None:
+            check_positive("attention.sliding_window", self.sliding_window)
+        elif self.sliding_layers is not None:
+            raise ConfigError("attention.sliding_layers needs attention.sliding_window")
         if self.kind == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 check_positive(f"attention.{name}", getattr(self, name))
@@ -108,6 +117,10 @@ class AttentionConfig:
             raise ConfigError(
                 f"attention.partial_rotary_factor ({f}) leaves no rotary dims (int(head_dim * factor) = 0)"
             )
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends through the sliding window."""
+        return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
 
     @property
     def rotary_dim(self) -> int:
@@ -148,6 +161,12 @@ class MoEConfig:
     group_score: Literal["top2_sum", "max"] = "top2_sum"
     router_bias: bool = False  # gpt-oss: the gate Linear has a bias
     expert_bias: bool = False  # gpt-oss: expert projections have biases
+    # The routed experts' gated unit: "swiglu" silu(g) * u; "clamped_swiglu" (gpt-oss)
+    # g' * sigmoid(swiglu_alpha * g') * (u' + 1) with g' = min(g, swiglu_limit), u' = u clamped
+    # to +-swiglu_limit.
+    expert_activation: Literal["swiglu", "clamped_swiglu"] = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # A per-expert bias added to scores for *selection only* (DeepSeek-V3's
     # e_score_correction_bias; auxiliary-loss-free balancing updates it). A buffer, not a weight.
     selection_bias: bool = False
@@ -191,6 +210,9 @@ class MoEConfig:
             raise ConfigError("moe.shared_expert_gate needs moe.n_shared_experts >= 1")
         check_choice("moe.router", self.router, ROUTERS)
         check_choice("moe.score_func", self.score_func, ("softmax", "sigmoid"))
+        check_choice("moe.expert_activation", self.expert_activation, ("swiglu", "clamped_swiglu"))
+        check_positive("moe.swiglu_alpha", self.swiglu_alpha)
+        check_positive("moe.swiglu_limit", self.swiglu_limit)
         check_choice("moe.group_score", self.group_score, ("top2_sum", "max"))
         check_positive("moe.routed_scaling_factor", self.routed_scaling_factor)
         if self.n_routed_experts % self.n_group:
@@ -294,6 +316,9 @@ class ModelConfig:
         if not isinstance(self.attention, AttentionConfig):
             raise ConfigError("attention must be an AttentionConfig (or a dict of its fields)")
         self.attention.validate(self.d_model)
+        for i in self.attention.sliding_layers or []:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers:
+                raise ConfigError(f"attention.sliding_layers entry {i!r} is out of range: expected 0 <= i < n_layers")
         if self.moe is not None:
             self.moe.validate(self.n_layers)
         if self.n_dense_layers > 0:

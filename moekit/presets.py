@@ -102,9 +102,18 @@ def _gpt_oss(name: str, layers: int, experts: int) -> ModelConfig:
                 "rope_type": "yarn",
                 "truncate": False,
             },
+            sliding_window=128,  # on even layers; odd layers attend to the full context
+            sliding_layers=list(range(0, layers, 2)),
         ),
         dense_ffn_dim=2880,  # unused: every layer is MoE
-        moe=MoEConfig(n_routed_experts=experts, top_k=4, expert_ffn_dim=2880, router_bias=True, expert_bias=True),
+        moe=MoEConfig(
+            n_routed_experts=experts,
+            top_k=4,
+            expert_ffn_dim=2880,
+            router_bias=True,
+            expert_bias=True,
+            expert_activation="clamped_swiglu",
+        ),
         norm_eps=1e-5,
         max_seq_len=131072,
     )

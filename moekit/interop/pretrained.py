@@ -156,8 +156,6 @@ def _check_hf_options(d: dict[str, Any]) -> None:
     t = get_type(d.get("model_type", ""))
     for key in ("rope_scaling", "rope_parameters"):
         rope = d.get(key)
-        if isinstance(rope, dict) and rope.get("truncate") is False:
-            raise UnsupportedError(f"{where}: '{key}.truncate' = False is not supported: YaRN is always truncated")
         partial = t is not None and t.partial_rotary
         if isinstance(rope, dict) and rope.get("partial_rotary_factor", 1.0) != 1.0 and not partial:
             raise UnsupportedError(

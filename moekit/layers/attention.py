@@ -65,12 +65,30 @@ def causal_attention(
     return probs @ v_BHLd
 
 
+def window_mask(mask: Tensor | None, t: int, end: int, n: int, window: int, device: torch.device) -> Tensor:
+    """The mask of a sliding-window layer over its ``n`` keys, slots ``end - n .. end - 1``, for the
+    ``t`` queries in slots ``end - t ..``: ``mask`` (``[B, 1, T, L]`` over all ``end`` slots, or
+    None: causal) restricted to those keys and to keys less than ``window`` slots back."""
+    q_T1 = torch.arange(end - t, end, device=device)[:, None]
+    k_1N = torch.arange(end - n, end, device=device)[None, :]
+    band_TN = (k_1N <= q_T1) & (k_1N > q_T1 - window)
+    return band_TN if mask is None else mask[..., end - n :] & band_TN
+
+
 class Attention(nn.Module):
     """Grouped-query attention with optional q/k norm, biases and attention sinks."""
 
-    def __init__(self, cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None):
+    def __init__(
+        self,
+        cfg: AttentionConfig,
+        d_model: int,
+        norm_eps: float,
+        rope: RotaryEmbedding | None = None,
+        window: int | None = None,
+    ):
         super().__init__()
         assert cfg.head_dim is not None and cfg.n_kv_heads is not None
+        self.window = window  # sliding window: a query sees itself and window - 1 slots before it
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm = cfg.qk_norm
         q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -118,7 +136,9 @@ class Attention(nn.Module):
                 F.rms_norm(k_BGTd, (self.head_dim,), eps=self.norm_eps),
             )
         if cache is not None:
-            k_BGTd, v_BGTd = cache.update(k_BGTd, v_BGTd, offset)  # now all L keys
+            k_BGTd, v_BGTd = cache.update(k_BGTd, v_BGTd, offset)  # all L keys (a window's worth if sliding)
+        if self.window is not None:
+            mask = window_mask(mask, t, offset + t, k_BGTd.shape[2], self.window, x_BTD.device)
         out_BHTd = causal_attention(q_BHTd, k_BGTd, v_BGTd, self.scale, self.sinks, mask)
         return self.o_proj(out_BHTd.transpose(1, 2).reshape(b, t, -1))
 
@@ -234,11 +254,13 @@ class LatentAttention(nn.Module):
 
 
 def build_attention(
-    cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None
+    cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None, layer: int = 0
 ) -> nn.Module:
-    """``rope``: a rotary table shared with other layers (one per model); None builds one."""
-    cls = LatentAttention if cfg.kind == "mla" else Attention
-    return cls(cfg, d_model, norm_eps, rope)
+    """``rope``: a rotary table shared with other layers (one per model); None builds one. ``layer``
+    decides whether a sliding window applies (``cfg.is_sliding``)."""
+    if cfg.kind == "mla":
+        return LatentAttention(cfg, d_model, norm_eps, rope)
+    return Attention(cfg, d_model, norm_eps, rope, cfg.sliding_window if cfg.is_sliding(layer) else None)
 
 
 def rotary_for(cfg: AttentionConfig, max_positions: int | None = None) -> RotaryEmbedding:

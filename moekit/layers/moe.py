@@ -5,12 +5,14 @@ Shapes: B batch, T tokens (B*T flattened), D width, E routed experts, K experts 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.layers.dispatch import sort_by_expert
-from moekit.layers.experts import Experts, _swiglu
+from moekit.layers.experts import Experts, _swiglu, clamped_swiglu
 from moekit.layers.mlp import FeedForward
 from moekit.layers.router import Router, Routing
 
@@ -28,7 +30,10 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg, d_model, vocab_size)
-        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.expert_ffn_dim, bias=cfg.expert_bias)
+        act = None
+        if cfg.expert_activation == "clamped_swiglu":
+            act = functools.partial(clamped_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.expert_ffn_dim, bias=cfg.expert_bias, activation=act)
         self.impl = impl
         if cfg.n_shared_experts:
             assert cfg.shared_ffn_dim is not None
@@ -79,6 +84,6 @@ def reference_routed(ex: Experts, x_TD: Tensor, routing: Routing) -> Tensor:
         if tok.numel() == 0:
             continue
         bias = [None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2)]
-        y = _swiglu(x_TD[tok], ex.w1[e], ex.w3[e], ex.w2[e], *bias)
+        y = _swiglu(x_TD[tok], ex.w1[e], ex.w3[e], ex.w2[e], *bias, act=ex.activation)
         out_TD = out_TD.index_add(0, tok, y * routing.weights_TK[tok, slot, None].to(y.dtype))
     return out_TD

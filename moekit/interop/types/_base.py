@@ -36,6 +36,12 @@ class HFLayout:
     # The type's router always has a selection bias (DeepSeek-V3's e_score_correction_bias), so
     # an export of a model without one writes zeros.
     selection_bias: bool = False
+    router: str = "gate"  # the router's module inside ``moe`` ("router" in gpt-oss)
+    # None: per-expert tensors (``expert`` names), as the hub writes them. "interleaved": only
+    # transformers' fused tensors exist, gpt-oss style: ``experts.gate_up_proj [E, D, 2F]`` with
+    # gate and up columns interleaved (gate at even, up at odd), ``experts.down_proj [E, F, D]``,
+    # and their ``_bias`` tensors ``[E, 2F]`` (interleaved too) and ``[E, D]``.
+    fused: str | None = None
 
 
 GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")

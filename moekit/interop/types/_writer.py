@@ -45,8 +45,11 @@ def mismatches(write: Callable[[ModelConfig], dict[str, Any]], cfg: ModelConfig)
     return found
 
 
-def common(cfg: ModelConfig, model_type: str, architecture: str) -> tuple[MoEConfig, dict[str, Any]]:
-    """Checks every supported type shares, and the keys every type writes."""
+def common(
+    cfg: ModelConfig, model_type: str, architecture: str, allow: tuple[str, ...] = ()
+) -> tuple[MoEConfig, dict[str, Any]]:
+    """Checks every supported type shares (but the fields in ``allow``, which the type's writer
+    checks itself), and the keys every type writes."""
     moe = cfg.moe
     if moe is None:
         raise UnsupportedError(f"moe is None: model_type {model_type!r} needs an MoE config")
@@ -59,10 +62,16 @@ def common(cfg: ModelConfig, model_type: str, architecture: str) -> tuple[MoECon
         ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is None, "None (dropless)"),
         ("moe.router_bias", moe.router_bias, not moe.router_bias, "False"),
         ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),
+        ("moe.expert_activation", moe.expert_activation, moe.expert_activation == "swiglu", "'swiglu'"),
+        ("attention.sliding_window", att.sliding_window, att.sliding_window is None, "None"),
     ]:
-        require(ok, field, value, model_type, expected)
+        if field not in allow:
+            require(ok, field, value, model_type, expected)
     if att.kind != "mla":
         require(not att.rope_interleave, "attention.rope_interleave", True, model_type, "False")
+        if "attention.partial_rotary_factor" not in allow:
+            f = att.partial_rotary_factor
+            require(f == 1.0, "attention.partial_rotary_factor", f, model_type, "1.0")
     out: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,

@@ -1,0 +1,123 @@
+"""gpt-oss against transformers (see ``hf_oracle`` for the checks), plus its sliding-window cache.
+
+Every option on, odd sizes: attention sinks, q/k/v/o biases, sliding windows of 5 slots on
+alternate layers (inputs of 24-40 tokens, so windows bite), YaRN with an untruncated ramp, a
+biased router, biased experts and a clamped SwiGLU whose limit the activations actually reach.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import hf_oracle as oracle  # noqa: E402
+
+from moekit.accounting import account, kv_cache_bytes_per_token, kv_cache_window_bytes  # noqa: E402
+from moekit.config import AttentionConfig  # noqa: E402
+from moekit.layers.attention import Attention  # noqa: E402
+from moekit.layers.experts import clamped_swiglu  # noqa: E402
+from moekit.layers.kv_cache import KVCache, SlidingKVCache  # noqa: E402
+
+COMMON = dict(hidden_size=36, num_attention_heads=6, max_position_embeddings=64)
+YARN = {
+    "rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+    "original_max_position_embeddings": 16, "rope_theta": 5000.0,
+}  # fmt: skip
+CASES = {
+    "gpt_oss": dict(
+        model_type="gpt_oss", num_hidden_layers=3, num_key_value_heads=2, head_dim=6, intermediate_size=14,
+        num_local_experts=5, num_experts_per_tok=2, sliding_window=5, swiglu_limit=0.6, rope_parameters=YARN,
+    ),
+    # Explicit layer types (the last layer slides), another alpha, tied embeddings, plain rope.
+    "gpt_oss_layer_types": dict(
+        model_type="gpt_oss", num_hidden_layers=3, num_key_value_heads=3, head_dim=8, intermediate_size=10,
+        num_local_experts=4, num_experts_per_tok=3, sliding_window=7, swiglu_alpha=1.3, swiglu_limit=0.8,
+        layer_types=["full_attention", "full_attention", "sliding_attention"], tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 3000.0},
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    kw = dict(CASES[request.param])
+    hf = oracle.build_hf(transformers, kw.pop("model_type"), **COMMON, **kw)
+    folder = tmp_path_factory.mktemp(request.param)
+    return hf, oracle.save_and_load(hf, folder), folder
+
+
+def test_logits_match_transformers(pair):
+    hf, model, _ = pair
+    oracle.check_logits(hf, model)
+
+
+def test_cached_decoding_equals_full_forward(pair):
+    oracle.check_cached_equals_full(pair[1])
+
+
+def test_greedy_generation_matches_transformers(pair):
+    hf, model, _ = pair
+    oracle.check_greedy(hf, model)
+
+
+def test_moekit_written_hf_folder_loads_in_transformers(pair, tmp_path):
+    hf, model, folder = pair
+    oracle.check_written_folder(transformers, hf, model, folder, tmp_path / "out")
+
+
+def test_config_round_trip(pair):
+    oracle.check_config_round_trip(pair[1])
+
+
+def test_sliding_layers_cache_only_the_window(pair):
+    """Sliding layers get a ring of ``window`` slots; accounting counts them apart from per-token bytes."""
+    _, model, _ = pair
+    cfg = model.config
+    cache = model.new_cache(1, 60)
+    for i, layer in enumerate(cache.layers):
+        sliding = cfg.attention.is_sliding(i)
+        assert isinstance(layer, SlidingKVCache if sliding else KVCache)
+        if sliding:
+            assert layer.k_BGWd.shape[2] == cfg.attention.sliding_window
+    assert cache.bytes_per_token == kv_cache_bytes_per_token(cfg, "fp32")
+    assert cache.window_bytes == kv_cache_window_bytes(cfg, "fp32") > 0
+    report = account(cfg, kv_dtype="fp32")
+    assert f"cache only their last {cfg.attention.sliding_window} tokens" in report.formula
+    assert report.to_dict()["kv_cache_window_bytes"] == cache.window_bytes
+
+
+def test_clamped_swiglu_hand_worked():
+    h1 = torch.tensor([-1.0, 0.5, 9.0])
+    h3 = torch.tensor([2.0, -9.0, 0.25])
+    got = clamped_swiglu(h1, h3, alpha=1.702, limit=7.0)
+    g = torch.tensor([-1.0, 0.5, 7.0])  # gate clamped above only
+    u = torch.tensor([2.0, -7.0, 0.25])  # up clamped both ways
+    torch.testing.assert_close(got, g * torch.sigmoid(1.702 * g) * (u + 1))
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_sliding_window_attention_matches_a_banded_reference(sinks):
+    """Full pass and chunked cached passes equal attention with an explicit window band."""
+    cfg = AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=8, sinks=sinks, sliding_window=3)
+    torch.manual_seed(0)
+    att = Attention(cfg, 16, 1e-6, window=3).double()
+    with torch.no_grad():
+        if sinks:
+            att.sinks.normal_()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    full_att = Attention(cfg, 16, 1e-6).double()
+    full_att.load_state_dict(att.state_dict())
+    q = torch.arange(9)
+    band = (q[None, :] <= q[:, None]) & (q[None, :] > q[:, None] - 3)
+    with torch.no_grad():
+        want = full_att(x, torch.arange(9), mask=band)
+        got = att(x, torch.arange(9))
+        cache = SlidingKVCache(2, 2, 3, 8, 8, torch.float64, "cpu")
+        parts, start = [], 0
+        for size in (4, 1, 2, 1, 1):
+            parts.append(att(x[:, start : start + size], torch.arange(start, start + size), cache, start))
+            start += size
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.cat(parts, dim=1), want)
