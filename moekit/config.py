@@ -66,6 +66,17 @@ class AttentionConfig:
     # holds only the window.
     sliding_window: int | None = None
     sliding_layers: list[int] | None = None
+    # Chunked attention (Llama 4): a query sees the earlier slots of its own chunk of
+    # chunk_size slots, in chunked_layers (None: every layer). The cache is not bounded by it.
+    chunk_size: int | None = None
+    chunked_layers: list[int] | None = None
+    # Layers without rotary embedding (Llama 4's NoPE layers). qk_norm "l2" skips them, and
+    # attention temperature tuning applies only to them: queries at cache slot p are scaled by
+    # 1 + temperature_scale * log(1 + floor((p + 1) / temperature_floor)) (Llama 4).
+    nope_layers: list[int] | None = None
+    temperature_tuning: bool = False
+    temperature_floor: int = 8192
+    temperature_scale: float = 0.1
     # Multi-head latent attention (DeepSeek-V2/V3), used when kind == "mla".
     q_lora_rank: int | None = None  # None: a plain q projection (V2-Lite)
     kv_lora_rank: int = 512
@@ -83,6 +94,12 @@ class AttentionConfig:
             check_positive("attention.sliding_window", self.sliding_window)
         elif self.sliding_layers is not None:
             raise ConfigError("attention.sliding_layers needs attention.sliding_window")
+        if self.chunk_size is not None:
+            check_positive("attention.chunk_size", self.chunk_size)
+        elif self.chunked_layers is not None:
+            raise ConfigError("attention.chunked_layers needs attention.chunk_size")
+        check_positive("attention.temperature_floor", self.temperature_floor)
+        check_positive("attention.temperature_scale", self.temperature_scale)
         if self.kind == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 check_positive(f"attention.{name}", getattr(self, name))
@@ -117,6 +134,12 @@ class AttentionConfig:
             raise ConfigError(
                 f"attention.partial_rotary_factor ({f}) leaves no rotary dims (int(head_dim * factor) = 0)"
             )
+
+    def is_chunked(self, layer: int) -> bool:
+        return self.chunk_size is not None and (self.chunked_layers is None or layer in self.chunked_layers)
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.nope_layers is None or layer not in self.nope_layers
 
     def is_sliding(self, layer: int) -> bool:
         """Whether ``layer`` attends through the sliding window."""
@@ -165,6 +188,8 @@ class MoEConfig:
     # g' * sigmoid(swiglu_alpha * g') * (u' + 1) with g' = min(g, swiglu_limit), u' = u clamped
     # to +-swiglu_limit.
     expert_activation: Literal["swiglu", "clamped_swiglu"] = "swiglu"
+    # Llama 4: the gate weight scales each expert's input, expert(w * x), not its output w * expert(x).
+    scale_expert_input: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     # A per-expert bias added to scores for *selection only* (DeepSeek-V3's
@@ -316,9 +341,10 @@ class ModelConfig:
         if not isinstance(self.attention, AttentionConfig):
             raise ConfigError("attention must be an AttentionConfig (or a dict of its fields)")
         self.attention.validate(self.d_model)
-        for i in self.attention.sliding_layers or []:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers:
-                raise ConfigError(f"attention.sliding_layers entry {i!r} is out of range: expected 0 <= i < n_layers")
+        for key in ("sliding_layers", "chunked_layers", "nope_layers"):
+            for i in getattr(self.attention, key) or []:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers:
+                    raise ConfigError(f"attention.{key} entry {i!r} is out of range: expected 0 <= i < n_layers")
         if self.moe is not None:
             self.moe.validate(self.n_layers)
         if self.n_dense_layers > 0:

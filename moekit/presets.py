@@ -119,6 +119,9 @@ def _gpt_oss(name: str, layers: int, experts: int) -> ModelConfig:
     )
 
 
+NOPE = list(range(3, 48, 4))  # Llama 4's no_rope_layer_interval 4
+
+
 def _llama4(
     name: str, experts: int, moe_every: int, qk_norm: str, rope_scaling: dict | None, max_seq: int
 ) -> ModelConfig:
@@ -129,8 +132,18 @@ def _llama4(
         d_model=5120,
         n_layers=48,
         attention=AttentionConfig(
-            n_heads=40, n_kv_heads=8, head_dim=128, qk_norm=qk_norm, rope_theta=500000.0, rope_scaling=rope_scaling
-        ),  # type: ignore[arg-type]
+            n_heads=40,
+            n_kv_heads=8,
+            head_dim=128,
+            qk_norm=qk_norm,  # type: ignore[arg-type]
+            rope_theta=500000.0,
+            rope_scaling=rope_scaling,
+            rope_interleave=True,
+            nope_layers=NOPE,  # every 4th layer has no rotary embedding ...
+            chunk_size=8192,  # ... the others attend within chunks of 8192 tokens
+            chunked_layers=[i for i in range(48) if i not in NOPE],
+            temperature_tuning=True,
+        ),
         dense_ffn_dim=16384,  # intermediate_size_mlp, the non-MoE layers of Maverick
         moe=MoEConfig(
             n_routed_experts=experts,
@@ -140,6 +153,7 @@ def _llama4(
             shared_ffn_dim=8192,
             score_func="sigmoid",
             norm_topk_prob=False,
+            scale_expert_input=True,
             # interleave_moe_layer_step: layers step-1, 2·step-1, ... are MoE
             first_k_dense=moe_every - 1,
             moe_every=moe_every,

@@ -47,9 +47,9 @@ _RULES: list[tuple[str, str]] = [
     (_L + r"attn_norm\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
     (_L + r"ffn_norm\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
     (_L + r"attn\.(\w+\.weight|\w+\.bias|sinks)", r"model.layers.\1.self_attn.\2"),
-    (_L + r"ffn\.w1\.(weight|bias)", r"model.layers.\1.mlp.gate_proj.\2"),  # dense FFN layers
-    (_L + r"ffn\.w3\.(weight|bias)", r"model.layers.\1.mlp.up_proj.\2"),
-    (_L + r"ffn\.w2\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2"),
+    (_L + r"ffn\.w1\.(weight|bias)", r"model.layers.\1.{dense}.gate_proj.\2"),  # dense FFN layers
+    (_L + r"ffn\.w3\.(weight|bias)", r"model.layers.\1.{dense}.up_proj.\2"),
+    (_L + r"ffn\.w2\.(weight|bias)", r"model.layers.\1.{dense}.down_proj.\2"),
     (_L + r"ffn\.router\.gate\.(weight|bias)", r"model.layers.\1.{moe}.{router}.\2"),
     (_L + r"ffn\.router\.selection_bias", r"model.layers.\1.{moe}.gate.e_score_correction_bias"),
     (_L + r"ffn\.shared_experts\.w1\.(weight|bias)", r"model.layers.\1.{moe}.{shared}.gate_proj.\2"),
@@ -63,12 +63,15 @@ _EXPERT_BIAS = re.compile(_L + r"ffn\.experts\.(b1|b3|b2)")
 
 
 def _fuse_interleaved(sd: Mapping[str, Tensor], layer: int, lay: HFLayout) -> dict[str, Tensor]:
-    """One layer's stacked experts as gpt-oss's fused tensors (see ``HFLayout.fused``)."""
+    """One layer's stacked experts as transformers' fused tensors (see ``HFLayout.fused``)."""
     p, base = f"layers.{layer}.ffn.experts.", f"model.layers.{layer}.{lay.moe}.experts."
     w1, w3, w2 = sd[p + "w1"], sd[p + "w3"], sd[p + "w2"]
     e, f, d = w1.shape
+    gate_up_EXD = (
+        torch.stack([w1, w3], dim=2).reshape(e, 2 * f, d) if lay.fused == "interleaved" else torch.cat([w1, w3], 1)
+    )
     out = {
-        base + "gate_up_proj": torch.stack([w1, w3], dim=2).reshape(e, 2 * f, d).transpose(1, 2).contiguous(),
+        base + "gate_up_proj": gate_up_EXD.transpose(1, 2).contiguous(),
         base + "down_proj": w2.transpose(1, 2).contiguous(),
     }
     if p + "b1" in sd:
@@ -78,7 +81,7 @@ def _fuse_interleaved(sd: Mapping[str, Tensor], layer: int, lay: HFLayout) -> di
 
 
 def _unfuse_interleaved(kept: Mapping[str, Tensor], name: str, lay: HFLayout) -> Tensor:
-    """The moekit expert tensor ``name`` (``layers.{i}.ffn.experts.w1`` ...) from gpt-oss's fused ones."""
+    """The moekit expert tensor ``name`` (``layers.{i}.ffn.experts.w1`` ...) from the fused ones."""
     m = re.fullmatch(_L + r"ffn\.experts\.(w1|w3|w2|b1|b3|b2)", name)
     assert m is not None
     base, which = f"model.layers.{m.group(1)}.{lay.moe}.experts.", m.group(2)
@@ -86,10 +89,12 @@ def _unfuse_interleaved(kept: Mapping[str, Tensor], name: str, lay: HFLayout) ->
         return kept[base + "down_proj"].transpose(1, 2).contiguous()
     if which == "b2":
         return kept[base + "down_proj_bias"]
-    parity = 0 if which in ("w1", "b1") else 1  # gate at even columns, up at odd
-    if which in ("w1", "w3"):
-        return kept[base + "gate_up_proj"][:, :, parity::2].transpose(1, 2).contiguous()
-    return kept[base + "gate_up_proj_bias"][:, parity::2].contiguous()
+    up = which in ("w3", "b3")
+    t = kept[base + ("gate_up_proj" if which in ("w1", "w3") else "gate_up_proj_bias")]
+    f = t.shape[-1] // 2
+    # gpt-oss: gate at even columns, up at odd; Llama 4: gate first, then up
+    part = t[..., int(up) :: 2] if lay.fused == "interleaved" else t[..., f:] if up else t[..., :f]
+    return (part.transpose(1, 2) if which in ("w1", "w3") else part).contiguous()
 
 
 def hf_name(name: str, lay: HFLayout, model_type: str = "") -> str:
@@ -100,7 +105,7 @@ def hf_name(name: str, lay: HFLayout, model_type: str = "") -> str:
             continue
         if "{shared}" in template and lay.shared is None:
             break
-        return m.expand(template.format(moe=lay.moe, shared=lay.shared, router=lay.router))
+        return m.expand(template.format(moe=lay.moe, shared=lay.shared, router=lay.router, dense=lay.dense))
     raise UnsupportedError(f"moekit tensor {name!r} has no Hugging Face name in model type {model_type!r}")
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.layers.dispatch import sort_by_expert
+from moekit.layers.dispatch import combine, permute, sort_by_expert
 from moekit.layers.experts import Experts, _swiglu, clamped_swiglu
 from moekit.layers.mlp import FeedForward
 from moekit.layers.router import Router, Routing
@@ -63,7 +63,12 @@ class MoE(nn.Module):
         routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1), mask_T)
         routing.n_seqs = shape[0] if x_BTD.dim() == 3 else 1  # for the sequence-wise balance loss
         if self._impl == "reference":
-            y_TD = reference_routed(self.experts, x_TD, routing)
+            y_TD = reference_routed(self.experts, x_TD, routing, self.cfg.scale_expert_input)
+        elif self.cfg.scale_expert_input:  # Llama 4: sum_k expert_k(w_k x), gate weights on the rows going in
+            d = sort_by_expert(routing.idx_TK, self.cfg.n_routed_experts, routing.keep_TK)
+            w_N1 = routing.weights_TK.reshape(-1).index_select(0, d.order_N).unsqueeze(-1).to(x_TD.dtype)
+            y_ND = self.experts(permute(x_TD, d) * w_N1, d.counts_E)
+            y_TD = combine(y_ND, d, torch.ones_like(routing.weights_TK), x_TD.shape[0])
         else:
             d = sort_by_expert(routing.idx_TK, self.cfg.n_routed_experts, routing.keep_TK)
             y_TD = self.experts.routed(x_TD, d, routing.weights_TK)
@@ -75,8 +80,9 @@ class MoE(nn.Module):
         return y_TD.view(shape), routing
 
 
-def reference_routed(ex: Experts, x_TD: Tensor, routing: Routing) -> Tensor:
-    """The obviously-correct masked loop over every expert (as many reference codes do)."""
+def reference_routed(ex: Experts, x_TD: Tensor, routing: Routing, scale_input: bool = False) -> Tensor:
+    """The obviously-correct masked loop over every expert (as many reference codes do).
+    ``scale_input``: the gate weight scales the expert's input instead of its output (Llama 4)."""
     out_TD = torch.zeros_like(x_TD)
     keep_TK = routing.keep_TK if routing.keep_TK is not None else torch.ones_like(routing.idx_TK, dtype=torch.bool)
     for e in range(ex.n_experts):
@@ -84,6 +90,12 @@ def reference_routed(ex: Experts, x_TD: Tensor, routing: Routing) -> Tensor:
         if tok.numel() == 0:
             continue
         bias = [None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2)]
+        w = routing.weights_TK[tok, slot, None].to(x_TD.dtype)
+        if scale_input:
+            out_TD = out_TD.index_add(
+                0, tok, _swiglu(x_TD[tok] * w, ex.w1[e], ex.w3[e], ex.w2[e], *bias, act=ex.activation)
+            )
+            continue
         y = _swiglu(x_TD[tok], ex.w1[e], ex.w3[e], ex.w2[e], *bias, act=ex.activation)
-        out_TD = out_TD.index_add(0, tok, y * routing.weights_TK[tok, slot, None].to(y.dtype))
+        out_TD = out_TD.index_add(0, tok, y * w)
     return out_TD

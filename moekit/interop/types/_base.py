@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from moekit.errors import MoekitError
 
@@ -36,12 +36,14 @@ class HFLayout:
     # The type's router always has a selection bias (DeepSeek-V3's e_score_correction_bias), so
     # an export of a model without one writes zeros.
     selection_bias: bool = False
-    router: str = "gate"  # the router's module inside ``moe`` ("router" in gpt-oss)
-    # None: per-expert tensors (``expert`` names), as the hub writes them. "interleaved": only
-    # transformers' fused tensors exist, gpt-oss style: ``experts.gate_up_proj [E, D, 2F]`` with
-    # gate and up columns interleaved (gate at even, up at odd), ``experts.down_proj [E, F, D]``,
-    # and their ``_bias`` tensors ``[E, 2F]`` (interleaved too) and ``[E, D]``.
-    fused: str | None = None
+    router: str = "gate"  # the router's module inside ``moe`` ("router" in gpt-oss, Llama 4)
+    dense: str = "mlp"  # the dense FFN's module in non-MoE layers ("feed_forward" in Llama 4)
+    # None: per-expert tensors (``expert`` names), as the hub writes them. Otherwise only
+    # transformers' fused tensors exist, ``experts.gate_up_proj [E, D, 2F]`` and
+    # ``experts.down_proj [E, F, D]`` (note: [in, out], unlike nn.Linear), with the gate and up
+    # columns "interleaved" (gpt-oss: gate at even, up at odd; plus ``_bias`` tensors ``[E, 2F]``,
+    # interleaved too, and ``[E, D]``) or "concat" (Llama 4: gate first, then up).
+    fused: Literal["interleaved", "concat"] | None = None
 
 
 GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")

@@ -64,10 +64,13 @@ def common(
         ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),
         ("moe.expert_activation", moe.expert_activation, moe.expert_activation == "swiglu", "'swiglu'"),
         ("attention.sliding_window", att.sliding_window, att.sliding_window is None, "None"),
+        ("attention.chunk_size", att.chunk_size, att.chunk_size is None, "None"),
+        ("attention.nope_layers", att.nope_layers, not att.nope_layers, "None"),
+        ("moe.scale_expert_input", moe.scale_expert_input, not moe.scale_expert_input, "False"),
     ]:
         if field not in allow:
             require(ok, field, value, model_type, expected)
-    if att.kind != "mla":
+    if att.kind != "mla" and "attention.rope_interleave" not in allow:
         require(not att.rope_interleave, "attention.rope_interleave", True, model_type, "False")
         if "attention.partial_rotary_factor" not in allow:
             f = att.partial_rotary_factor

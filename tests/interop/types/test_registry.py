@@ -28,7 +28,17 @@ REGISTERED = {
     "qwen3",
     "qwen3_moe",
 }
-LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"}
+LOADABLE = {
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+    "llama4_text",
+}
 
 
 def test_every_registered_type_is_listed():
