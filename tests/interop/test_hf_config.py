@@ -90,6 +90,21 @@ SMALL = {
         routed_scaling_factor=2.5,
         num_nextn_predict_layers=1,
     ),
+    "dots1": dict(
+        BASE,
+        model_type="dots1",
+        head_dim=24,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        moe_intermediate_size=12,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        attention_bias=True,
+        sliding_window=16,
+        max_window_layers=2,
+    ),
     "glm4_moe": dict(
         BASE,
         model_type="glm4_moe",
@@ -375,5 +390,7 @@ def test_configs_written_by_transformers5(model_type):
     kw = dict(num_hidden_layers=3, vocab_size=100)
     if model_type == "deepseek_v2":  # its defaults leave num_experts_per_tok unset
         kw.update(num_experts_per_tok=2, first_k_dense_replace=1)
+    if model_type == "dots1":  # its defaults leave the expert counts unset (transformers cannot build it)
+        kw.update(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2)
     written = json.loads(transformers.AutoConfig.for_model(model_type, **kw).to_json_string())
     assert count_params(config_from_hf(written)).total == transformers_count(written)

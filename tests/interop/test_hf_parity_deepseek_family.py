@@ -2,7 +2,8 @@
 
 Each case switches every option of its type on, with odd sizes (see ``hf_oracle`` for the checks):
 GLM-4.5's partial rotary, per-head q/k norm, q/k/v biases, sigmoid group-limited routing with a
-selection bias and shared experts.
+selection bias and shared experts; DeepSeek-V2's MLA with and without q compression, greedy and
+group-limited greedy routing, YaRN; dots.llm1's Qwen3 attention with sliding-window layers.
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ CASES = {
         moe_intermediate_size=12, n_routed_experts=5, num_experts_per_tok=2, topk_method="greedy",
         n_shared_experts=1, routed_scaling_factor=1.3, first_k_dense_replace=0, q_lora_rank=18, kv_lora_rank=10,
         qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=7, tie_word_embeddings=True,
+    ),
+    # dots.llm1: Qwen3 attention (q/k norm, q/k/v/o biases), sliding windows of 5 slots from layer 1
+    # on, V3 routing with groups, renormalisation and scaling.
+    "dots1": dict(
+        model_type="dots1", num_hidden_layers=3, num_key_value_heads=2, head_dim=8, intermediate_size=26,
+        moe_intermediate_size=10, n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
+        n_shared_experts=2, routed_scaling_factor=2.0, norm_topk_prob=True, first_k_dense_replace=1,
+        attention_bias=True, sliding_window=5, max_window_layers=1,
+    ),
+    # Its defaults: no renormalisation, every layer MoE, full attention, tied embeddings.
+    "dots1_plain": dict(
+        model_type="dots1", num_hidden_layers=2, num_key_value_heads=3, intermediate_size=22,
+        moe_intermediate_size=12, n_routed_experts=5, num_experts_per_tok=2, n_shared_experts=1,
+        tie_word_embeddings=True,
     ),
 }  # fmt: skip
 

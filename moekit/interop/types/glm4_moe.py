@@ -33,26 +33,32 @@ def read(r: Reader) -> ModelConfig:
         qk_norm="head" if r.bool("use_qk_norm", False) else "none",
         partial_rotary_factor=partial_rotary_factor(r, 0.5),
     )
-    n_shared = r.int("n_shared_experts", 1)
+    moe = v3_moe_fields(r, 1, True)
+    n = base["n_layers"]
+    ids = list(range(r.int("first_k_dense_replace", 1), n))
+    return make(r, base, dense_ffn_dim=r.int("intermediate_size"), moe=moe if ids else None, moe_ids=ids)
+
+
+def v3_moe_fields(r: Reader, n_shared_default: Any, norm_default: bool) -> dict[str, Any]:
+    """DeepSeek-V3's MoE as GLM-4.5 and dots.llm1 configure it: sigmoid scores, group-limited top-k
+    with a selection bias (``e_score_correction_bias``), renormalised and scaled weights."""
+    n_shared = r.int("n_shared_experts", n_shared_default)
     if n_shared <= 0:
         # transformers still builds a width-0 shared FFN (empty tensors moekit does not have).
         raise ConfigError(f"{r.where}: 'n_shared_experts' = {n_shared} is not supported (need >= 1)")
-    moe = dict(
+    return dict(
         n_routed_experts=r.int("n_routed_experts", MISSING, "num_local_experts"),
         top_k=r.int("num_experts_per_tok"),
         expert_ffn_dim=r.int("moe_intermediate_size"),
         n_shared_experts=n_shared,
         score_func="sigmoid",
-        norm_topk_prob=r.bool("norm_topk_prob", True),
+        norm_topk_prob=r.bool("norm_topk_prob", norm_default),
         routed_scaling_factor=r.float("routed_scaling_factor", 1.0),
         n_group=r.int("n_group", 1),
         topk_group=r.int("topk_group", 1),
         group_score="top2_sum",
         selection_bias=True,
     )
-    n = base["n_layers"]
-    ids = list(range(r.int("first_k_dense_replace", 1), n))
-    return make(r, base, dense_ffn_dim=r.int("intermediate_size"), moe=moe if ids else None, moe_ids=ids)
 
 
 def write_moe(cfg: ModelConfig, mt: str) -> dict[str, Any]:
