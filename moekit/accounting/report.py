@@ -111,8 +111,12 @@ def _formula(model: Model, p: ParamCount, f: FlopCount, kv_dtype: str) -> str:
         lines.append(f"{'FLOPs/token':<{width}} = 2·N_matmul = 2·{p.matmul_active:,} = {f.forward_per_token:,}")
         lines.append(f"{'':<{width}}   (attention scores not included: the attention layers are not known)")
     else:
-        ctx = f"({f.seq_len}+1)" if f.causal else f"2·{f.seq_len}"
-        sum_ = " + ".join(f"{s.n_layers}·{s.n_heads}·({s.d_qk}+{s.d_v})·{ctx}" for s in shapes)
+
+        def ctx(s) -> str:  # a sliding window caps the keys a query sees
+            n = f.seq_len if s.window is None else min(f.seq_len, s.window)
+            return f"({n}+1)" if f.causal else f"2·{n}"
+
+        sum_ = " + ".join(f"{s.n_layers}·{s.n_heads}·({s.d_qk}+{s.d_v})·{ctx(s)}" for s in shapes)
         lines.append(
             f"{'FLOPs/token':<{width}} = 2·N_matmul + {'' if f.causal else '2·'}L·H·(d_qk+d_v)·{'(S+1)' if f.causal else 'S'} = "
             f"2·{p.matmul_active:,} + {sum_} = {f.forward_per_token:,}"

@@ -1,7 +1,7 @@
 """``moekit convert SRC DST --format hf|moekit``: rewrite a checkpoint folder in either layout.
 
-SRC is a Hugging Face folder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) or a moekit
-folder; DST is written atomically. Tokenizer and generation files are carried across.
+SRC is a Hugging Face folder of a loadable type (``moekit.interop.types.loadable_types()``) or a
+moekit folder (a training run loads its newest checkpoint); DST is written atomically. Tokenizer and generation files are carried across.
 """
 
 from __future__ import annotations

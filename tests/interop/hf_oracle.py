@@ -3,7 +3,8 @@
 A group's test module lists tiny random cases (odd widths, every option of the type switched on),
 builds each in transformers with wide random weights, saves it (sharded, transformers' own
 ``save_pretrained``), loads it with ``moekit.from_pretrained`` and runs these checks in fp32:
-equal logits, cached decoding equal to one full pass, greedy tokens equal to transformers',
+equal logits, cached decoding equal to one full pass, greedy tokens equal to transformers', a
+left-padded batch decoded step by step with transformers' logits,
 moekit's own HF folder loading back in transformers with the same logits and tensor names, and
 the config surviving HF -> moekit -> HF -> moekit.
 """
@@ -93,6 +94,30 @@ def check_greedy(hf, model, n: int = 16) -> None:
     for i in (ours[0, 8:] != theirs[0, 8:]).nonzero().flatten().tolist():
         assert (top2[i, 0] - top2[i, 1]).item() < 1e-4, f"greedy token {i} differs from transformers'"
         break  # after a tie the continuations legitimately diverge
+
+
+def check_left_padded_batch(hf, model, n: int = 12) -> None:
+    """A left-padded batch (prompts of 11, 5 and 8 tokens) decoded with the cache: teacher-forced on
+    transformers' greedy tokens, every step's logits equal transformers' (padding takes no position,
+    is never attended to, and counts in the slots that windows and chunks are measured in)."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for i, length in enumerate((11, 5, 8)):
+        ids[i, 11 - length :], mask[i, 11 - length :] = torch.randint(1, VOCAB, (length,), generator=g), 1
+    out = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    tokens_BN, their_BNV = out.sequences[:, 11:], torch.stack(out.logits, dim=1)
+    model.set_moe_impl("loop")
+    cache = model.new_cache(3, 11 + n)
+    with torch.no_grad():
+        steps = [model(ids, cache=cache, attention_mask=mask).logits[:, -1]]
+        for i in range(n - 1):
+            steps.append(model(tokens_BN[:, i : i + 1], cache=cache).logits[:, -1])
+    err = rel_err(torch.stack(steps, dim=1), their_BNV)
+    assert err <= 1e-5, f"left-padded decoding differs from transformers': {err:.2e}"
 
 
 def check_written_folder(transformers, hf, model, theirs: Path, ours: Path, tol: float = 1e-5) -> None:

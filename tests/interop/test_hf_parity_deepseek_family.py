@@ -99,6 +99,11 @@ def test_greedy_generation_matches_transformers(pair):
     oracle.check_greedy(hf, model)
 
 
+def test_left_padded_batch_matches_transformers(pair):
+    hf, model, _ = pair
+    oracle.check_left_padded_batch(hf, model)
+
+
 def test_moekit_written_hf_folder_loads_in_transformers(pair, tmp_path):
     hf, model, folder = pair
     oracle.check_written_folder(transformers, hf, model, folder, tmp_path / "out")
