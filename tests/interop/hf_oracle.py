@@ -11,6 +11,7 @@ the config surviving HF -> moekit -> HF -> moekit.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -130,6 +131,30 @@ def check_written_folder(transformers, hf, model, theirs: Path, ours: Path, tol:
     assert err <= tol, f"transformers on moekit's folder: rel. error {err:.2e}"
     a, b = read_tensors(ours, meta=True), read_tensors(theirs, meta=True)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+# FP8 block-scaled (DeepSeek-V3, GLM-4.5-FP8, ...) and MXFP4 (gpt-oss) quantisation configs.
+QUANTIZATIONS = [
+    {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
+    {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]},
+]
+
+
+def check_quantized_refused(folder: Path, tmp: Path, quant: dict) -> None:
+    """A quantised copy of ``folder``'s config is refused in one line naming the quantisation."""
+    from moekit.interop.types import UnsupportedError
+
+    d = json.loads((folder / "config.json").read_text())
+    d["quantization_config"] = quant
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(d))
+    try:
+        from_pretrained(tmp)
+    except UnsupportedError as e:
+        msg = str(e)
+        assert "\n" not in msg and "quantization_config" in msg and quant["quant_method"] in msg, msg
+    else:
+        raise AssertionError("a quantised checkpoint was loaded")
 
 
 def check_config_round_trip(model) -> None:

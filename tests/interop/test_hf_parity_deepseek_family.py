@@ -8,16 +8,12 @@ group-limited greedy routing, YaRN; dots.llm1's Qwen3 attention with sliding-win
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
 import hf_oracle as oracle  # noqa: E402
 
-from moekit.interop.hf_weights import UnsupportedError  # noqa: E402
 from moekit.interop.pretrained import from_pretrained  # noqa: E402
 
 COMMON = dict(hidden_size=36, num_attention_heads=6, max_position_embeddings=64)
@@ -126,22 +122,9 @@ def test_fused_expert_layout_loads(tmp_path):
     oracle.check_logits(hf, from_pretrained(tmp_path))
 
 
-@pytest.mark.parametrize(
-    "quant",
-    [
-        {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
-        {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]},
-    ],
-)
+@pytest.mark.parametrize("quant", oracle.QUANTIZATIONS, ids=["fp8", "mxfp4"])
 def test_quantized_checkpoints_are_refused_naming_the_quantization(pair, quant, tmp_path):
-    """FP8 block-scaled and MXFP4 configs: one line naming quantization_config and its method."""
-    d = json.loads((pair[2] / "config.json").read_text())
-    d["quantization_config"] = quant
-    (tmp_path / "config.json").write_text(json.dumps(d))
-    with pytest.raises(UnsupportedError) as e:
-        from_pretrained(tmp_path)
-    msg = str(e.value)
-    assert "\n" not in msg and "quantization_config" in msg and quant["quant_method"] in msg
+    oracle.check_quantized_refused(pair[2], tmp_path, quant)
 
 
 def test_glm4_moe_default_partial_rotary_is_half():
@@ -152,19 +135,3 @@ def test_glm4_moe_default_partial_rotary_is_half():
     d = {"vocab_size": 97, **COMMON, **kw}
     assert config_from_hf(d).attention.partial_rotary_factor == 0.5
     assert transformers.AutoConfig.for_model(**d).rope_parameters["partial_rotary_factor"] == 0.5
-
-
-def test_partial_rotary_leaves_the_tail_unrotated():
-    """Dims past int(head_dim * factor) are the same at every position; the rotated part is plain rope."""
-    from moekit.config import AttentionConfig
-    from moekit.layers.attention import Attention
-    from moekit.layers.rope import RotaryEmbedding, apply_rope
-
-    cfg = AttentionConfig(n_heads=2, n_kv_heads=1, head_dim=10, partial_rotary_factor=0.4)
-    att = Attention(cfg, 12, 1e-6)
-    x = torch.randn(1, 2, 5, 10)
-    cos, sin = att.rope(torch.arange(5))
-    y = att._rotate(x, cos, sin)
-    torch.testing.assert_close(y[..., 4:], x[..., 4:])
-    want = apply_rope(x[..., :4], *RotaryEmbedding(4, cfg.rope_theta)(torch.arange(5)))
-    torch.testing.assert_close(y[..., :4], want)

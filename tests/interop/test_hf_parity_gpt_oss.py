@@ -8,16 +8,12 @@ biased router, biased experts and a clamped SwiGLU whose limit the activations a
 from __future__ import annotations
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
 import hf_oracle as oracle  # noqa: E402
 
 from moekit.accounting import account, kv_cache_bytes_per_token, kv_cache_window_bytes  # noqa: E402
-from moekit.config import AttentionConfig  # noqa: E402
-from moekit.layers.attention import Attention  # noqa: E402
-from moekit.layers.experts import clamped_swiglu  # noqa: E402
 from moekit.layers.kv_cache import KVCache, SlidingKVCache  # noqa: E402
 
 COMMON = dict(hidden_size=36, num_attention_heads=6, max_position_embeddings=64)
@@ -72,6 +68,11 @@ def test_moekit_written_hf_folder_loads_in_transformers(pair, tmp_path):
     oracle.check_written_folder(transformers, hf, model, folder, tmp_path / "out")
 
 
+@pytest.mark.parametrize("quant", oracle.QUANTIZATIONS, ids=["fp8", "mxfp4"])
+def test_quantized_checkpoints_are_refused_naming_the_quantization(pair, quant, tmp_path):
+    oracle.check_quantized_refused(pair[2], tmp_path, quant)
+
+
 def test_config_round_trip(pair):
     oracle.check_config_round_trip(pair[1])
 
@@ -91,38 +92,3 @@ def test_sliding_layers_cache_only_the_window(pair):
     report = account(cfg, kv_dtype="fp32")
     assert f"cache only their last {cfg.attention.sliding_window} tokens" in report.formula
     assert report.to_dict()["kv_cache_window_bytes"] == cache.window_bytes
-
-
-def test_clamped_swiglu_hand_worked():
-    h1 = torch.tensor([-1.0, 0.5, 9.0])
-    h3 = torch.tensor([2.0, -9.0, 0.25])
-    got = clamped_swiglu(h1, h3, alpha=1.702, limit=7.0)
-    g = torch.tensor([-1.0, 0.5, 7.0])  # gate clamped above only
-    u = torch.tensor([2.0, -7.0, 0.25])  # up clamped both ways
-    torch.testing.assert_close(got, g * torch.sigmoid(1.702 * g) * (u + 1))
-
-
-@pytest.mark.parametrize("sinks", [False, True])
-def test_sliding_window_attention_matches_a_banded_reference(sinks):
-    """Full pass and chunked cached passes equal attention with an explicit window band."""
-    cfg = AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=8, sinks=sinks, sliding_window=3)
-    torch.manual_seed(0)
-    att = Attention(cfg, 16, 1e-6, window=3).double()
-    with torch.no_grad():
-        if sinks:
-            att.sinks.normal_()
-    x = torch.randn(2, 9, 16, dtype=torch.float64)
-    full_att = Attention(cfg, 16, 1e-6).double()
-    full_att.load_state_dict(att.state_dict())
-    q = torch.arange(9)
-    band = (q[None, :] <= q[:, None]) & (q[None, :] > q[:, None] - 3)
-    with torch.no_grad():
-        want = full_att(x, torch.arange(9), mask=band)
-        got = att(x, torch.arange(9))
-        cache = SlidingKVCache(2, 2, 3, 8, 8, torch.float64, "cpu")
-        parts, start = [], 0
-        for size in (4, 1, 2, 1, 1):
-            parts.append(att(x[:, start : start + size], torch.arange(start, start + size), cache, start))
-            start += size
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(torch.cat(parts, dim=1), want)

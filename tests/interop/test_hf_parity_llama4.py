@@ -9,15 +9,10 @@ chunked attention of 5 slots on the rotary layers, L2 q/k norm, biases and llama
 from __future__ import annotations
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
 import hf_oracle as oracle  # noqa: E402
-
-from moekit.config import AttentionConfig, MoEConfig  # noqa: E402
-from moekit.layers.attention import Attention, chunk_mask  # noqa: E402
-from moekit.layers.moe import MoE  # noqa: E402
 
 COMMON = dict(hidden_size=36, num_attention_heads=6, max_position_embeddings=64)
 LLAMA3 = {
@@ -73,6 +68,11 @@ def test_moekit_written_hf_folder_loads_in_transformers(pair, tmp_path):
     oracle.check_written_folder(transformers, hf, model, folder, tmp_path / "out")
 
 
+@pytest.mark.parametrize("quant", oracle.QUANTIZATIONS, ids=["fp8", "mxfp4"])
+def test_quantized_checkpoints_are_refused_naming_the_quantization(pair, quant, tmp_path):
+    oracle.check_quantized_refused(pair[2], tmp_path, quant)
+
+
 def test_config_round_trip(pair):
     oracle.check_config_round_trip(pair[1])
 
@@ -84,50 +84,3 @@ def test_layer_roles_as_transformers_assigns_them(pair):
         assert layer.self_attn.use_rope == att.uses_rope(i)
         assert layer.is_moe_layer == model.config.is_moe_layer(i)
         assert (hf.config.layer_types[i] == "chunked_attention") == att.is_chunked(i)
-
-
-def test_scaling_the_expert_input_is_not_scaling_its_output():
-    """With the gate weight on the input, a token's output is expert(w x), checked by hand."""
-    cfg = MoEConfig(n_routed_experts=3, top_k=1, expert_ffn_dim=8, score_func="sigmoid", norm_topk_prob=False)
-    moe = MoE(MoEConfig(**{**cfg.__dict__, "scale_expert_input": True}), 6, impl="loop")
-    x = torch.randn(5, 6)
-    with torch.no_grad():
-        y, routing = moe(x)
-        ref = MoE(MoEConfig(**{**cfg.__dict__, "scale_expert_input": True}), 6, impl="reference")
-        ref.load_state_dict(moe.state_dict())
-        torch.testing.assert_close(ref(x)[0], y)
-        ex = moe.experts
-        for t in range(5):
-            e, w = routing.idx_TK[t, 0].item(), routing.weights_TK[t, 0]
-            h = w * x[t]
-            want = (torch.nn.functional.silu(ex.w1[e] @ h) * (ex.w3[e] @ h)) @ ex.w2[e].T
-            torch.testing.assert_close(y[t], want)
-
-
-def test_chunk_mask_and_nope_temperature_hand_worked():
-    # 7 slots, chunks of 3: slot 4 sees 3-4, slot 6 sees only itself.
-    m = chunk_mask(None, 7, 7, 3, torch.device("cpu"))
-    assert m[4].tolist() == [False, False, False, True, True, False, False]
-    assert m[6].tolist() == [False] * 6 + [True]
-    # A NoPE layer with temperature tuning scales query slot p by 1 + s * log(1 + floor((p + 1) / f)).
-    cfg = AttentionConfig(
-        n_heads=1, n_kv_heads=1, head_dim=4, temperature_tuning=True, temperature_floor=2, temperature_scale=0.5
-    )
-    att = Attention(cfg, 4, 1e-6, use_rope=False)
-    seen = {}
-    orig = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, *args, **kw):
-        seen["q"] = q
-        return orig(q, *args, **kw)
-
-    x = torch.randn(1, 4, 4)
-    torch.nn.functional.scaled_dot_product_attention = spy
-    try:
-        att(x, torch.arange(4))
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = orig
-    q = att.q_proj(x).view(1, 4, 1, 4).transpose(1, 2)
-    floors = torch.tensor([0.0, 1.0, 1.0, 2.0])  # floor((p + 1) / 2) for p = 0..3
-    factor = 1 + 0.5 * torch.log1p(floors)
-    torch.testing.assert_close(seen["q"], q * factor[:, None])
