@@ -7,7 +7,10 @@ A moekit state dict and a Hugging Face (hub layout) state dict differ in two way
 
 Loading also accepts the fused layout transformers 5 uses in memory
 (``experts.gate_up_proj [E, 2F, D]`` = gate then up, ``experts.down_proj [E, D, F]``), although
-``save_pretrained`` of transformers 5.23 writes the hub layout for all five supported types.
+``save_pretrained`` of transformers 5 writes the hub layout for the types it converts. Types
+whose checkpoints only ever hold fused tensors (gpt-oss, Llama 4: ``HFLayout.fused``) are read
+and written in their own ``[E, D, 2F]`` / ``[E, F, D]`` layout, gate and up interleaved or
+concatenated.
 
 Everything here works on meta tensors too, which is how shapes are checked without reading data.
 Shapes: E experts, F expert width, D model width.
