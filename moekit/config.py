@@ -109,6 +109,9 @@ class AttentionConfig:
                 raise ConfigError("attention.qk_rope_head_dim must be even for rotary embedding")
             if self.partial_rotary_factor != 1.0:
                 raise ConfigError("attention.partial_rotary_factor must be 1.0 with kind='mla' (see qk_rope_head_dim)")
+            for name in ("sliding_window", "chunk_size", "nope_layers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"attention.{name} is not supported with kind='mla' (GQA layers only)")
             return
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
