@@ -27,7 +27,9 @@ def write_run(run_dir, tokenizer: str = "byte", steps=(1, 2), tokenizer_json: st
         attention=AttentionConfig(n_heads=2), moe=MoEConfig(n_routed_experts=3, top_k=2, expert_ffn_dim=12),
     )  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(RunConfig(cfg, TrainConfig(tokenizer=tokenizer, seq_len=32)).to_dict()))
+    (run_dir / "config.json").write_text(
+        json.dumps(RunConfig(cfg, TrainConfig(tokenizer=tokenizer, seq_len=32)).to_dict())
+    )
     models = []
     for step in steps:
         torch.manual_seed(step)
