@@ -37,7 +37,7 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-ROUTERS = ("topk", "switch", "noisy_topk", "hash", "expert_choice")
+ROUTERS = ("topk", "switch", "noisy_topk", "hash", "expert_choice", "sparsemixer")
 
 
 @dataclass
@@ -116,7 +116,7 @@ class MoEConfig:
     shared_ffn_dim: int | None = None  # width of each shared expert; None means expert_ffn_dim
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(d, 1)) scales the shared output
     # Router -------------------------------------------------------------------------------
-    router: Literal["topk", "switch", "noisy_topk", "hash", "expert_choice"] = "topk"
+    router: Literal["topk", "switch", "noisy_topk", "hash", "expert_choice", "sparsemixer"] = "topk"
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     # softmax, then top-k, then renormalise == Mixtral's top-k of logits, then softmax.
     norm_topk_prob: bool = True
@@ -136,6 +136,9 @@ class MoEConfig:
     capacity_factor: float | None = None
     router_noise_std: float = 1.0  # noisy_topk: scale of the learned-noise term (training only)
     hash_seed: int = 0  # hash router: seed of its fixed random token id -> expert table
+    # sparsemixer (PhiMoE): a logit more than 2 * eps (relative) below the round's best is masked
+    # out of that round's softmax (HF's router_jitter_noise).
+    sparsemixer_eps: float = 0.01
     # Balancing coefficients (0 disables) ----------------------------------------------------
     # Switch/GShard E * sum_i f_i * P_i, which is also DeepSeekMoE's expert-level loss (alpha_1):
     # the two formulas coincide (see moekit.balancing.switch_aux_loss).
@@ -218,6 +221,17 @@ class MoEConfig:
                 raise ConfigError(f"moe.top_k must be 1 for router='switch' (top-1 routing), got {self.top_k}")
             if self.score_func != "softmax":
                 raise ConfigError("moe.score_func must be 'softmax' for router='switch'")
+        if self.router == "sparsemixer":
+            if self.top_k != 2:
+                raise ConfigError(
+                    f"moe.top_k must be 2 for router='sparsemixer' (two rounds of top-1), got {self.top_k}"
+                )
+            if self.score_func != "softmax" or self.n_group > 1 or self.uses_selection_bias:
+                raise ConfigError(
+                    "router='sparsemixer' needs moe.score_func='softmax', moe.n_group=1 and no selection bias"
+                )
+            if self.sparsemixer_eps < 0:
+                raise ConfigError(f"moe.sparsemixer_eps must be >= 0, got {self.sparsemixer_eps}")
         if self.router in ("hash", "expert_choice"):
             # Hash routing has no learned scores; expert choice ranks tokens per expert, so a
             # per-expert bias cannot change its choice, and groups do not apply.

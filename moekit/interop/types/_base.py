@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from moekit.errors import MoekitError
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from moekit.accounting import ParamCount
     from moekit.config import ModelConfig
     from moekit.interop.types._reader import Reader
@@ -36,6 +38,12 @@ class HFLayout:
     # The type's router always has a selection bias (DeepSeek-V3's e_score_correction_bias), so
     # an export of a model without one writes zeros.
     selection_bias: bool = False
+    # For types whose files differ from these names by more than the MoE module's name (fused
+    # q/k/v or expert tensors, a renamed router, another prefix): ``from_file`` rewrites a
+    # checkpoint's tensors into the standard hub names above (views only, so it works on meta
+    # tensors and copies nothing); ``to_file`` rewrites standard names into the type's files.
+    from_file: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]] | None = None
+    to_file: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]] | None = None
 
 
 GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")

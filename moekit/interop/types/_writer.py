@@ -20,17 +20,29 @@ def require(ok: bool, field: str, value: Any, model_type: str, expected: str) ->
         raise UnsupportedError(f"{field}={value!r} cannot be written as model_type {model_type!r}: expected {expected}")
 
 
-def common(cfg: ModelConfig, model_type: str, architecture: str) -> tuple[MoEConfig, dict[str, Any]]:
-    """Checks every supported type shares, and the keys every type writes."""
+def common(
+    cfg: ModelConfig,
+    model_type: str,
+    architecture: str,
+    *,
+    norm: str = "rmsnorm",
+    router: str = "topk",
+    lm_head_bias: bool = False,
+) -> tuple[MoEConfig, dict[str, Any]]:
+    """Checks every supported type shares, and the keys every type writes.
+
+    ``norm`` / ``router``: the type's (PhiMoE: "layernorm", "sparsemixer"); ``lm_head_bias``: the
+    type may have one.
+    """
     moe = cfg.moe
     if moe is None:
         raise UnsupportedError(f"moe is None: model_type {model_type!r} needs an MoE config")
     att = cfg.attention
     for field, value, ok, expected in [
-        ("norm", cfg.norm, cfg.norm == "rmsnorm", "'rmsnorm'"),
-        ("lm_head_bias", cfg.lm_head_bias, not cfg.lm_head_bias, "False"),
+        ("norm", cfg.norm, cfg.norm == norm, repr(norm)),
+        ("lm_head_bias", cfg.lm_head_bias, lm_head_bias or not cfg.lm_head_bias, "False"),
         ("attention.sinks", att.sinks, not att.sinks, "False"),
-        ("moe.router", moe.router, moe.router == "topk", "'topk'"),
+        ("moe.router", moe.router, moe.router == router, repr(router)),
         ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is None, "None (dropless)"),
         ("moe.router_bias", moe.router_bias, not moe.router_bias, "False"),
         ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),

@@ -27,7 +27,7 @@ REGISTERED = {
     "qwen3",
     "qwen3_moe",
 }
-LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe"}
 
 
 def test_every_registered_type_is_listed():
@@ -69,6 +69,11 @@ GQA = dict(n_heads=4, n_kv_heads=2)
             AttentionConfig(**GQA, qk_norm="head"),
             MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, shared_expert_gate=True),
             "qwen2_moe",
+        ),
+        (
+            AttentionConfig(**GQA, qkv_bias=True, o_bias=True),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, router="sparsemixer"),
+            "phimoe",
         ),
         (
             AttentionConfig(
