@@ -64,12 +64,18 @@ class AttentionConfig:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     mla_bias: bool = False  # bias on q_a / kv_a / o projections (HF's attention_bias for MLA)
+    # The softmax's logit scale; None: 1 / sqrt(head_dim). Granite sets it (attention_multiplier).
+    softmax_scale: float | None = None
 
     def validate(self, d_model: int) -> None:
         check_positive("attention.n_heads", self.n_heads)
         check_choice("attention.kind", self.kind, ("gqa", "mla"))
         check_choice("attention.qk_norm", self.qk_norm, ("none", "head", "full", "l2"))
         check_positive("attention.rope_theta", self.rope_theta)
+        if self.softmax_scale is not None:
+            check_positive("attention.softmax_scale", self.softmax_scale)
+            if self.kind == "mla":
+                raise ConfigError("attention.softmax_scale is for kind='gqa' (latent attention derives its own)")
         if self.kind == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 check_positive(f"attention.{name}", getattr(self, name))
@@ -266,11 +272,18 @@ class ModelConfig:
     attention: AttentionConfig
     dense_ffn_dim: int  # width of the dense FFN in non-MoE layers
     moe: MoEConfig | None = None  # None: a dense model
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm (with bias): PhiMoE
+    # layernorm (with bias): PhiMoE; layernorm_nobias: DBRX
+    norm: Literal["rmsnorm", "layernorm", "layernorm_nobias"] = "rmsnorm"
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     lm_head_bias: bool = False  # PhiMoE
     max_seq_len: int = 4096
+    # Granite's multipliers (all 1.0 elsewhere): the embeddings are multiplied by
+    # embedding_multiplier, each attention / FFN output by residual_multiplier before it joins the
+    # residual stream, and the logits are divided by logits_divisor (HF's logits_scaling).
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
     name: str = ""  # free text, for humans; never branched on
 
     def __post_init__(self) -> None:
@@ -281,9 +294,11 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "norm_eps"):
+        for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "norm_eps", "embedding_multiplier"):
             check_positive(name, getattr(self, name))
-        check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
+        check_positive("residual_multiplier", self.residual_multiplier)
+        check_positive("logits_divisor", self.logits_divisor)
+        check_choice("norm", self.norm, ("rmsnorm", "layernorm", "layernorm_nobias"))
         if not isinstance(self.attention, AttentionConfig):
             raise ConfigError("attention must be an AttentionConfig (or a dict of its fields)")
         self.attention.validate(self.d_model)

@@ -86,7 +86,7 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.sinks else None
         self.rope = rope or RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.interleaved = cfg.rope_interleave
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
 
     def forward(
         self,

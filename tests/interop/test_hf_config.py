@@ -96,6 +96,10 @@ SMALL = {
     "phimoe": dict(
         BASE, model_type="phimoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True
     ),
+    "granitemoe": dict(BASE, model_type="granitemoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True),
+    "granitemoeshared": dict(
+        BASE, model_type="granitemoeshared", num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40
+    ),
     "llama4_text": dict(
         BASE,
         model_type="llama4_text",

@@ -36,6 +36,17 @@ CASES = {
         model_type="phimoe", num_hidden_layers=2, num_key_value_heads=1, intermediate_size=22, num_local_experts=5,
         num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3, rms_norm_eps=1e-5,
     ),
+    # Every multiplier away from 1, attention biases, tied embeddings.
+    "granitemoe": dict(
+        model_type="granitemoe", num_hidden_layers=2, num_key_value_heads=1, intermediate_size=14,
+        num_local_experts=5, num_experts_per_tok=3, attention_bias=True, tie_word_embeddings=True,
+        embedding_multiplier=3.0, residual_multiplier=0.7, logits_scaling=2.5, attention_multiplier=0.2,
+    ),
+    "granitemoeshared": dict(
+        model_type="granitemoeshared", num_hidden_layers=2, num_key_value_heads=5, intermediate_size=14,
+        num_local_experts=7, num_experts_per_tok=2, shared_intermediate_size=18, embedding_multiplier=2.0,
+        residual_multiplier=0.5, logits_scaling=1.5, attention_multiplier=0.3,
+    ),
 }  # fmt: skip
 
 EAGER = {"experts_implementation": "eager"}
@@ -130,7 +141,7 @@ def test_in_memory_layout_loads(pair, tmp_path):
     """A raw transformers-5 ``state_dict()`` (fused experts, in-memory module names) loads."""
     _, hf, _, _ = pair
     hf.config.save_pretrained(tmp_path)
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, tmp_path / "model.safetensors")
+    save_file({k: v.clone() for k, v in hf.state_dict().items()}, tmp_path / "model.safetensors")
     ids = random_ids()
     with torch.no_grad():
         assert rel_err(from_pretrained(tmp_path)(ids).logits, hf(ids).logits) <= 1e-5

@@ -152,3 +152,21 @@ def test_latent_cache_holds_only_the_compressed_rows():
     assert cache.values_per_token == 10 + 4
     latent = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(x)[..., :10])
     torch.testing.assert_close(cache.kv_BSX[..., :10], latent)
+
+
+def test_softmax_scale_replaces_one_over_sqrt_head_dim():
+    """Granite's attention_multiplier: scale s is the default scale with q multiplied by s * sqrt(d)."""
+    torch.manual_seed(0)
+    cfg = AttentionConfig(n_heads=4, n_kv_heads=2, qkv_bias=True, softmax_scale=0.9)
+    cfg.validate(16)
+    scaled = randomize(Attention(cfg, 16, 1e-6)).double()
+    plain_cfg = AttentionConfig(n_heads=4, n_kv_heads=2, qkv_bias=True)
+    plain_cfg.validate(16)
+    plain = Attention(plain_cfg, 16, 1e-6).double()
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        plain.q_proj.weight.mul_(0.9 * 4**0.5)
+        plain.q_proj.bias.mul_(0.9 * 4**0.5)
+    x = torch.randn(2, 5, 16).double()
+    torch.testing.assert_close(scaled(x, torch.arange(5)), plain(x, torch.arange(5)), rtol=1e-12, atol=1e-12)
+    assert (scaled(x, torch.arange(5)) - Attention(plain_cfg, 16, 1e-6).double()(x, torch.arange(5))).abs().max() > 0

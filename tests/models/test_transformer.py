@@ -121,3 +121,23 @@ def test_meta_device_instantiation_is_free():
         model = MoETransformer(small_config())
     assert all(p.is_meta for p in model.parameters())
     assert model.num_parameters() == MoETransformer(small_config()).num_parameters()
+
+
+def test_granite_multipliers_equal_scaled_weights():
+    """embedding_multiplier a, residual_multiplier r and logits_divisor c are linear: the same as
+    embeddings times a, every branch's output projection times r and the head divided by c."""
+    a, r, c = 3.0, 0.6, 2.5
+    cfg = small_config(n_shared_experts=1)
+    torch.manual_seed(0)
+    plain = MoETransformer(cfg).double().eval()
+    scaled = MoETransformer(cfg.replace(embedding_multiplier=a, residual_multiplier=r, logits_divisor=c)).double()
+    scaled.load_state_dict(plain.state_dict())
+    scaled.eval()
+    with torch.no_grad():
+        plain.embed.weight.mul_(a)
+        plain.lm_head.weight.div_(c)
+        for name, p in plain.named_parameters():
+            if name.endswith(("o_proj.weight", "w2.weight", "experts.w2")):
+                p.mul_(r)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    torch.testing.assert_close(scaled(ids).logits, plain(ids).logits, rtol=1e-10, atol=1e-10)

@@ -14,6 +14,22 @@ from typing import Any
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.types._base import UnsupportedError
 
+# Settings only some types express, with their neutral values: a type writes them only when it
+# names them in ``common(..., writes=...)``; for every other type they must be neutral.
+OPTIONAL_SETTINGS: dict[str, Any] = {
+    "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0,
+    "logits_divisor": 1.0,
+    "attention.softmax_scale": None,
+}
+
+
+def setting(cfg: ModelConfig, field: str) -> Any:
+    node: Any = cfg
+    for part in field.split("."):
+        node = getattr(node, part)
+    return node
+
 
 def require(ok: bool, field: str, value: Any, model_type: str, expected: str) -> None:
     if not ok:
@@ -28,11 +44,12 @@ def common(
     norm: str = "rmsnorm",
     router: str = "topk",
     lm_head_bias: bool = False,
+    writes: tuple[str, ...] = (),
 ) -> tuple[MoEConfig, dict[str, Any]]:
     """Checks every supported type shares, and the keys every type writes.
 
     ``norm`` / ``router``: the type's (PhiMoE: "layernorm", "sparsemixer"); ``lm_head_bias``: the
-    type may have one.
+    type may have one; ``writes``: the ``OPTIONAL_SETTINGS`` the type expresses.
     """
     moe = cfg.moe
     if moe is None:
@@ -48,6 +65,10 @@ def common(
         ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),
     ]:
         require(ok, field, value, model_type, expected)
+    for field, neutral in OPTIONAL_SETTINGS.items():
+        if field not in writes:
+            value = setting(cfg, field)
+            require(value == neutral, field, value, model_type, repr(neutral))
     if att.kind != "mla":
         require(not att.rope_interleave, "attention.rope_interleave", True, model_type, "False")
     out: dict[str, Any] = {

@@ -15,6 +15,8 @@ REGISTERED = {
     "deepseek_v2",
     "deepseek_v3",
     "gpt_oss",
+    "granitemoe",
+    "granitemoeshared",
     "llama",
     "llama4",
     "llama4_text",
@@ -27,7 +29,7 @@ REGISTERED = {
     "qwen3",
     "qwen3_moe",
 }
-LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe"}
+LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "granitemoe", "granitemoeshared"}
 
 
 def test_every_registered_type_is_listed():
