@@ -66,6 +66,8 @@ class AttentionConfig:
     mla_bias: bool = False  # bias on q_a / kv_a / o projections (HF's attention_bias for MLA)
     # The softmax's logit scale; None: 1 / sqrt(head_dim). Granite sets it (attention_multiplier).
     softmax_scale: float | None = None
+    # Clamp the q, k and v projections to [-clip_qkv, clip_qkv] before rotary (DBRX); None: no clamp.
+    clip_qkv: float | None = None
 
     def validate(self, d_model: int) -> None:
         check_positive("attention.n_heads", self.n_heads)
@@ -76,6 +78,10 @@ class AttentionConfig:
             check_positive("attention.softmax_scale", self.softmax_scale)
             if self.kind == "mla":
                 raise ConfigError("attention.softmax_scale is for kind='gqa' (latent attention derives its own)")
+        if self.clip_qkv is not None:
+            check_positive("attention.clip_qkv", self.clip_qkv)
+            if self.kind == "mla":
+                raise ConfigError("attention.clip_qkv is for kind='gqa'")
         if self.kind == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 check_positive(f"attention.{name}", getattr(self, name))

@@ -66,7 +66,7 @@ def causal_attention(
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with optional q/k norm, biases and attention sinks."""
+    """Grouped-query attention with optional q/k norm, biases, attention sinks and q/k/v clamping."""
 
     def __init__(self, cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None):
         super().__init__()
@@ -87,6 +87,7 @@ class Attention(nn.Module):
         self.rope = rope or RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.interleaved = cfg.rope_interleave
         self.scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        self.clip_qkv = cfg.clip_qkv
 
     def forward(
         self,
@@ -99,6 +100,8 @@ class Attention(nn.Module):
         """``positions_T``: ``[T]`` or ``[B, T]``; ``cache``: this layer's, new tokens stored at ``offset``."""
         b, t, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.clip_qkv is not None:  # DBRX
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BTHd = q.view(b, t, self.n_heads, self.head_dim)

@@ -96,6 +96,15 @@ SMALL = {
     "phimoe": dict(
         BASE, model_type="phimoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True
     ),
+    "dbrx": dict(
+        model_type="dbrx",
+        vocab_size=101,
+        d_model=64,
+        n_heads=4,
+        n_layers=3,
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=5e5),
+        ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2),
+    ),
     "granitemoe": dict(BASE, model_type="granitemoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True),
     "granitemoeshared": dict(
         BASE, model_type="granitemoeshared", num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40
@@ -285,7 +294,7 @@ def test_rope_from_transformers5_rope_parameters():
 @pytest.mark.parametrize(
     "d, match",
     [
-        ({"model_type": "bert"}, "unsupported model_type 'bert'; supported: deepseek, deepseek_v2"),
+        ({"model_type": "bert"}, "unsupported model_type 'bert'; supported: .*deepseek, deepseek_v2"),
         ({"hidden_size": 8}, "no 'model_type'"),
         (dict(SMALL["mixtral"], num_local_experts=None), "'num_local_experts'"),
         ({k: v for k, v in SMALL["olmoe"].items() if k != "hidden_size"}, "missing the key 'hidden_size'"),
@@ -363,5 +372,7 @@ def test_configs_written_by_transformers5(model_type):
     kw = dict(num_hidden_layers=3, vocab_size=100)
     if model_type == "deepseek_v2":  # its defaults leave num_experts_per_tok unset
         kw.update(num_experts_per_tok=2, first_k_dense_replace=1)
+    if model_type == "dbrx":  # its attention reads attn_config.rope_theta, which has no default
+        kw.update(attn_config={"rope_theta": 5e5})
     written = json.loads(transformers.AutoConfig.for_model(model_type, **kw).to_json_string())
     assert count_params(config_from_hf(written)).total == transformers_count(written)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file  # noqa: E402
 from moekit.errors import MoekitError  # noqa: E402
 from moekit.interop.hf_config import config_from_hf  # noqa: E402
 from moekit.interop.hf_export import infer_model_type, to_hf_config  # noqa: E402
-from moekit.interop.pretrained import from_pretrained, read_tensors  # noqa: E402
+from moekit.interop.pretrained import from_pretrained, load_config, read_tensors  # noqa: E402
 
 VOCAB = 89
 COMMON = dict(vocab_size=VOCAB, hidden_size=30, num_attention_heads=5, max_position_embeddings=64, rope_theta=5000.0)
@@ -47,6 +47,17 @@ CASES = {
         num_local_experts=7, num_experts_per_tok=2, shared_intermediate_size=18, embedding_multiplier=2.0,
         residual_multiplier=0.5, logits_scaling=1.5, attention_multiplier=0.3,
     ),
+    # Nested config; clip_qkv low enough to clamp some q/k/v entries; rope theta in both places.
+    "dbrx": dict(
+        model_type="dbrx", d_model=30, n_heads=5, n_layers=2, max_seq_len=64, vocab_size=VOCAB, rope_theta=5000.0,
+        attn_config=dict(kv_n_heads=1, clip_qkv=0.9, rope_theta=5000.0),
+        ffn_config=dict(ffn_hidden_size=14, moe_num_experts=5, moe_top_k=3, moe_normalize_expert_weights=1.0),
+    ),
+    "dbrx_unnormalised": dict(
+        model_type="dbrx", d_model=30, n_heads=5, n_layers=2, max_seq_len=64, vocab_size=VOCAB, rope_theta=5000.0,
+        attn_config=dict(kv_n_heads=5, clip_qkv=100.0, rope_theta=5000.0),  # transformers needs a clip
+        ffn_config=dict(ffn_hidden_size=14, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=None),
+    ),
 }  # fmt: skip
 
 EAGER = {"experts_implementation": "eager"}
@@ -57,7 +68,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_config(case: str):
-    kw = {**COMMON, **CASES[case]}
+    kw = dict(CASES[case]) if CASES[case]["model_type"] == "dbrx" else {**COMMON, **CASES[case]}
     model_type = kw.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **kw)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = None
@@ -120,7 +131,7 @@ def test_cached_decoding_equals_full_forward_and_greedy_matches_transformers(pai
 
 def test_moekit_written_hf_folder_loads_in_transformers(pair, tmp_path):
     case, hf, model, folder = pair
-    assert infer_model_type(model.config) == CASES[case]["model_type"]
+    assert infer_model_type(model.config) == CASES[case]["model_type"]  # what save_pretrained writes
     model.save_pretrained(tmp_path / "out", format="hf")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, **EAGER).eval()
     ids = random_ids()
@@ -161,3 +172,28 @@ def test_quantized_checkpoints_are_refused(pair, tmp_path, quant, name):
     with pytest.raises(MoekitError, match=rf"quantization_config.*{name}") as e:
         from_pretrained(tmp_path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "case, change, match",
+    [
+        ("phimoe", {"sliding_window": 8}, "'sliding_window' = 8 is not supported"),
+        ("phimoe", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}}, "LongRoPE"),
+        ("dbrx", {"ffn_config": {"moe_normalize_expert_weights": 2.0}}, "moe_normalize_expert_weights' = 2.0"),
+        ("dbrx", {"ffn_config": {"ffn_act_fn": {"name": "gelu"}}}, "ffn_act_fn' = 'gelu'"),
+    ],
+)
+def test_options_moekit_does_not_compute_are_refused(tmp_path, case, change, match):
+    d = json.loads(hf_config(case).to_json_string())
+    for key, value in change.items():
+        d[key] = {**d[key], **value} if isinstance(d.get(key), dict) and key.endswith("_config") else value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(MoekitError, match=match):
+        load_config(tmp_path)
+
+
+def test_dbrx_hub_config_takes_rope_theta_from_attn_config():
+    """Hub DBRX configs have no top-level rope settings; their theta is attn_config.rope_theta."""
+    d = dict(CASES["dbrx"], attn_config=dict(kv_n_heads=1, clip_qkv=8.0, rope_theta=5e5))
+    assert config_from_hf({k: v for k, v in d.items() if k != "rope_theta"}).attention.rope_theta == 5e5
+    assert config_from_hf(d).attention.rope_theta == 5000.0  # transformers 5 writes the top-level one

@@ -170,3 +170,21 @@ def test_softmax_scale_replaces_one_over_sqrt_head_dim():
     x = torch.randn(2, 5, 16).double()
     torch.testing.assert_close(scaled(x, torch.arange(5)), plain(x, torch.arange(5)), rtol=1e-12, atol=1e-12)
     assert (scaled(x, torch.arange(5)) - Attention(plain_cfg, 16, 1e-6).double()(x, torch.arange(5))).abs().max() > 0
+
+
+def test_clip_qkv_clamps_the_projections_before_rotary():
+    """DBRX's clip_qkv: the same as the unclipped layer with its q/k/v outputs clamped (hooks)."""
+    torch.manual_seed(0)
+    cfg = AttentionConfig(n_heads=4, n_kv_heads=2, clip_qkv=0.5)
+    cfg.validate(16)
+    clipped = randomize(Attention(cfg, 16, 1e-6), std=0.5).double()
+    plain_cfg = AttentionConfig(n_heads=4, n_kv_heads=2)
+    plain_cfg.validate(16)
+    plain = Attention(plain_cfg, 16, 1e-6).double()
+    plain.load_state_dict(clipped.state_dict())
+    x = torch.randn(2, 6, 16).double()
+    unclamped = plain(x, torch.arange(6))
+    for proj in (plain.q_proj, plain.k_proj, plain.v_proj):
+        proj.register_forward_hook(lambda _m, _i, out: out.clamp(-0.5, 0.5))
+    torch.testing.assert_close(clipped(x, torch.arange(6)), plain(x, torch.arange(6)), rtol=1e-12, atol=1e-12)
+    assert (clipped(x, torch.arange(6)) - unclamped).abs().max() > 1e-3  # the clamp bites

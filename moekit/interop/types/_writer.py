@@ -21,6 +21,7 @@ OPTIONAL_SETTINGS: dict[str, Any] = {
     "residual_multiplier": 1.0,
     "logits_divisor": 1.0,
     "attention.softmax_scale": None,
+    "attention.clip_qkv": None,
 }
 
 

@@ -11,6 +11,7 @@ from moekit.interop.types import TYPES, ModelType, get_type, loadable_types, typ
 
 # Every registered type. Adding a type means adding it here too (and its file).
 REGISTERED = {
+    "dbrx",
     "deepseek",
     "deepseek_v2",
     "deepseek_v3",
@@ -29,7 +30,17 @@ REGISTERED = {
     "qwen3",
     "qwen3_moe",
 }
-LOADABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "granitemoe", "granitemoeshared"}
+LOADABLE = {
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "phimoe",
+    "granitemoe",
+    "granitemoeshared",
+    "dbrx",
+}
 
 
 def test_every_registered_type_is_listed():
