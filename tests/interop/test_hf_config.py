@@ -105,6 +105,17 @@ SMALL = {
         attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=5e5),
         ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2),
     ),
+    "ernie4_5_moe": dict(
+        BASE,
+        model_type="ernie4_5_moe",
+        moe_num_experts=6,
+        moe_k=2,
+        moe_intermediate_size=16,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_interval=2,
+        use_bias=False,
+    ),
     "granitemoe": dict(BASE, model_type="granitemoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True),
     "granitemoeshared": dict(
         BASE, model_type="granitemoeshared", num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40
@@ -131,7 +142,9 @@ def transformers_count(d: dict) -> int:
     cfg = transformers.AutoConfig.for_model(**d)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
-    return sum(p.numel() for p in model.parameters())
+    # Frozen parameters are statistics, not weights: ERNIE-4.5 keeps its selection bias
+    # (e_score_correction_bias, requires_grad=False) as a Parameter where DeepSeek-V3 has a buffer.
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("model_type", sorted(SMALL))
@@ -306,6 +319,7 @@ def test_rope_from_transformers5_rope_parameters():
         (dict(SMALL["deepseek_v3"], scoring_func="relu"), "'scoring_func'"),
         (dict(SMALL["olmoe"], head_dim=8), "'head_dim'"),
         (dict(SMALL["qwen3_moe"], mlp_only_layers="2"), "'mlp_only_layers'"),
+        (dict(SMALL["ernie4_5_moe"], use_bias=True), "'use_bias' = True is not supported"),
     ],
 )
 def test_unrepresentable_or_malformed_configs_raise(d, match):

@@ -58,6 +58,13 @@ CASES = {
         attn_config=dict(kv_n_heads=5, clip_qkv=100.0, rope_theta=5000.0),  # transformers needs a clip
         ffn_config=dict(ffn_hidden_size=14, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=None),
     ),
+    # Dense first layer, MoE every 2nd layer up to 4 (1, 3), two shared experts, attention biases,
+    # tied embeddings; a nonzero selection bias (drawn below).
+    "ernie4_5_moe": dict(
+        model_type="ernie4_5_moe", num_hidden_layers=6, num_key_value_heads=1, intermediate_size=26,
+        moe_intermediate_size=10, moe_num_experts=7, moe_k=3, moe_num_shared_experts=2, moe_layer_start_index=1,
+        moe_layer_end_index=4, moe_layer_interval=2, use_bias=False, tie_word_embeddings=True,
+    ),
 }  # fmt: skip
 
 EAGER = {"experts_implementation": "eager"}
@@ -84,7 +91,7 @@ def build_hf(case: str, seed: int = 0):
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.15)
-        for name, b in hf.named_buffers():
+        for name, b in [*hf.named_buffers(), *hf.named_parameters()]:
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.1, 0.1)  # nonzero: selection must add it, weights must not
     return hf
@@ -181,6 +188,7 @@ def test_quantized_checkpoints_are_refused(pair, tmp_path, quant, name):
         ("phimoe", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}}, "LongRoPE"),
         ("dbrx", {"ffn_config": {"moe_normalize_expert_weights": 2.0}}, "moe_normalize_expert_weights' = 2.0"),
         ("dbrx", {"ffn_config": {"ffn_act_fn": {"name": "gelu"}}}, "ffn_act_fn' = 'gelu'"),
+        ("ernie4_5_moe", {"moe_norm_min": 0.5}, "'moe_norm_min' = 0.5 is not supported"),
     ],
 )
 def test_options_moekit_does_not_compute_are_refused(tmp_path, case, change, match):

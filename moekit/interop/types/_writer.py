@@ -70,7 +70,7 @@ def common(
         if field not in writes:
             value = setting(cfg, field)
             require(value == neutral, field, value, model_type, repr(neutral))
-    if att.kind != "mla":
+    if att.kind != "mla" and "attention.rope_interleave" not in writes:
         require(not att.rope_interleave, "attention.rope_interleave", True, model_type, "False")
     out: dict[str, Any] = {
         "architectures": [architecture],

@@ -15,6 +15,7 @@ REGISTERED = {
     "deepseek",
     "deepseek_v2",
     "deepseek_v3",
+    "ernie4_5_moe",
     "gpt_oss",
     "granitemoe",
     "granitemoeshared",
@@ -40,6 +41,7 @@ LOADABLE = {
     "granitemoe",
     "granitemoeshared",
     "dbrx",
+    "ernie4_5_moe",
 }
 
 

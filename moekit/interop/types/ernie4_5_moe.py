@@ -1,0 +1,123 @@
+"""ERNIE-4.5 MoE (``ernie4_5_moe``): interleaved rotary, an always-present selection bias, shared experts.
+
+- Rotary pairs are interleaved (``x[2i], x[2i+1]`` rotate together): ``attention.rope_interleave``.
+- Router: fp32 softmax; the experts are chosen on softmax + ``moe_statics.e_score_correction_bias``
+  (a ``[1, E]`` tensor in every MoE layer; moekit's selection bias), weighted by the softmax
+  renormalised over the chosen (the sum clamped below by ``moe_norm_min``, 1e-12).
+- ``moe_num_shared_experts`` ungated shared experts of width ``moe_intermediate_size``.
+- Placement: layer i is MoE iff ``(i + 1) % moe_layer_interval == 0`` and
+  ``moe_layer_start_index <= i <= moe_layer_end_index`` (-1: the last layer).
+- ``use_bias`` puts biases on q/k/v/o (supported) and on the dense and shared FFNs (not: refused
+  when reading, as it changes the parameter count).
+- Defaults that differ from other types: tied embeddings, rms_norm_eps 1e-5, rope theta 5e5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from moekit.config import ModelConfig
+from moekit.interop.types._base import GATE_UP_DOWN, HFLayout, ModelType, refused
+from moekit.interop.types._reader import Reader, common, make
+from moekit.interop.types._rewrite import rename
+from moekit.interop.types._writer import common as write_common
+from moekit.interop.types._writer import gqa, require
+
+ARCHITECTURE = "Ernie4_5_MoeForCausalLM"
+
+
+def moe_ids(n_layers: int, start: int, end: int, interval: int) -> list[int]:
+    end = n_layers - 1 if end == -1 else end
+    return [i for i in range(n_layers) if (i + 1) % interval == 0 and start <= i <= end]
+
+
+def read(r: Reader) -> ModelConfig:
+    base = common(r, eps_default=1e-5, theta_default=5e5)
+    base["tie_embeddings"] = r.bool("tie_word_embeddings", True)
+    r.reject("use_bias", lambda v: v is True, "moekit's dense and shared FFNs have no biases")
+    base["attention"]["rope_interleave"] = True
+    n_layers = base["n_layers"]
+    ids = moe_ids(
+        n_layers,
+        r.int("moe_layer_start_index", 1),
+        r.int("moe_layer_end_index", -1),
+        r.int("moe_layer_interval", 1),
+    )
+    shared = r.int("moe_num_shared_experts", 2)
+    moe = dict(
+        n_routed_experts=r.int("moe_num_experts", 64, "num_experts"),
+        top_k=r.int("moe_k", 6, "num_experts_per_tok"),
+        expert_ffn_dim=r.int("moe_intermediate_size", 1536),
+        n_shared_experts=shared,
+        selection_bias=True,
+    )
+    return make(r, base, dense_ffn_dim=r.int("intermediate_size", 12288), moe=moe, moe_ids=ids)
+
+
+def write(cfg: ModelConfig) -> dict[str, Any]:
+    mt = "ernie4_5_moe"
+    moe, out = write_common(cfg, mt, ARCHITECTURE, writes=("attention.rope_interleave",))
+    att = cfg.attention
+    bias = gqa(cfg, mt, "none", "all")
+    require(att.rope_interleave, "attention.rope_interleave", False, mt, "True")
+    for field, value, ok, expected in [
+        ("moe.score_func", moe.score_func, moe.score_func == "softmax", "'softmax'"),
+        ("moe.norm_topk_prob", moe.norm_topk_prob, moe.norm_topk_prob, "True"),
+        ("moe.routed_scaling_factor", moe.routed_scaling_factor, moe.routed_scaling_factor == 1.0, "1.0"),
+        ("moe.n_group", moe.n_group, moe.n_group == 1, "1"),
+        ("moe.shared_expert_gate", moe.shared_expert_gate, not moe.shared_expert_gate, "False"),
+        ("moe.shared_ffn_dim", moe.shared_ffn_dim, moe.shared_ffn_dim == moe.expert_ffn_dim, "moe.expert_ffn_dim"),
+    ]:
+        require(ok, field, value, mt, expected)
+    ids = cfg.moe_layer_ids
+    step = ids[1] - ids[0] if len(ids) > 1 else ids[0] + 1
+    ok = moe_ids(cfg.n_layers, ids[0], ids[-1], step) == ids
+    require(ok, "moe layers", ids, mt, "every moe_layer_interval-th layer (i + 1 divisible) from a start to an end")
+    out.update(
+        intermediate_size=cfg.dense_ffn_dim,
+        moe_intermediate_size=moe.expert_ffn_dim,
+        moe_num_experts=moe.n_routed_experts,
+        moe_k=moe.top_k,
+        moe_num_shared_experts=moe.n_shared_experts,
+        moe_layer_start_index=ids[0],
+        moe_layer_end_index=ids[-1],
+        moe_layer_interval=step,
+        use_bias=bias,
+    )
+    del out["num_experts_per_tok"]
+    return out
+
+
+def refuse(d: dict[str, Any]) -> None:
+    if float(d.get("moe_norm_min", 1e-12)) > 1e-6:
+        raise refused(d, "moe_norm_min", "moekit renormalises by the weights' sum, clamped at 1e-20 only")
+
+
+def from_file(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    out = rename(
+        tensors, [(r"\.mlp\.(?:gate\.)?moe_statics\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias")]
+    )
+    for name, t in out.items():
+        if name.endswith("gate.e_score_correction_bias") and t.dim() == 2 and t.shape[0] == 1:
+            out[name] = t.view(-1)
+    return out
+
+
+def to_file(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    out = {k: v.view(1, -1) if k.endswith("gate.e_score_correction_bias") else v for k, v in tensors.items()}
+    return rename(out, [(r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.moe_statics.e_score_correction_bias")])
+
+
+ERNIE4_5_MOE = ModelType(
+    "ernie4_5_moe",
+    read=read,
+    write=write,
+    architecture=ARCHITECTURE,
+    layout=HFLayout(
+        "mlp", GATE_UP_DOWN, shared="shared_experts", selection_bias=True, from_file=from_file, to_file=to_file
+    ),
+    refuse=refuse,
+    claims=lambda cfg: cfg.attention.kind == "gqa" and cfg.attention.rope_interleave,
+)
