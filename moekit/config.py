@@ -53,6 +53,8 @@ class AttentionConfig:
     # "head": RMSNorm(head_dim) shared by heads (Qwen3-MoE); "full": RMSNorm over the whole q and
     # k projections (OLMoE); "l2": parameter-free L2 norm per head (Llama 4).
     qk_norm: Literal["none", "head", "full", "l2"] = "none"
+    # The "head" q/k norm comes after the rotary embedding, not before it (Hunyuan-MoE).
+    qk_norm_after_rope: bool = False
     sinks: bool = False  # gpt-oss: one learned logit per head that soaks up attention mass
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # Hugging Face's rope_scaling dict, kept verbatim
@@ -78,6 +80,8 @@ class AttentionConfig:
             check_positive("attention.softmax_scale", self.softmax_scale)
             if self.kind == "mla":
                 raise ConfigError("attention.softmax_scale is for kind='gqa' (latent attention derives its own)")
+        if self.qk_norm_after_rope and self.qk_norm != "head":
+            raise ConfigError("attention.qk_norm_after_rope needs attention.qk_norm='head'")
         if self.clip_qkv is not None:
             check_positive("attention.clip_qkv", self.clip_qkv)
             if self.kind == "mla":

@@ -73,6 +73,7 @@ class Attention(nn.Module):
         assert cfg.head_dim is not None and cfg.n_kv_heads is not None
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm = cfg.qk_norm
+        self.qk_norm_after_rope = cfg.qk_norm_after_rope
         q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d_model, q_width, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
@@ -106,13 +107,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q_BTHd = q.view(b, t, self.n_heads, self.head_dim)
         k_BTGd = k.view(b, t, self.n_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q_BTHd, k_BTGd = self.q_norm(q_BTHd), self.k_norm(k_BTGd)
         q_BHTd, k_BGTd = q_BTHd.transpose(1, 2), k_BTGd.transpose(1, 2)
         v_BGTd = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rope(positions_T)
         q_BHTd = apply_rope(q_BHTd, cos, sin, self.interleaved)
         k_BGTd = apply_rope(k_BGTd, cos, sin, self.interleaved)
+        if self.qk_norm_after_rope:  # Hunyuan-MoE: the per-head norms see rotated q/k
+            q_BHTd, k_BGTd = self.q_norm(q_BHTd), self.k_norm(k_BGTd)
         if self.qk_norm == "l2":  # Llama 4: parameter-free RMS normalisation after rotation
             q_BHTd, k_BGTd = (
                 F.rms_norm(q_BHTd, (self.head_dim,), eps=self.norm_eps),

@@ -120,6 +120,9 @@ SMALL = {
     "granitemoeshared": dict(
         BASE, model_type="granitemoeshared", num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40
     ),
+    "hunyuan_v1_moe": dict(
+        BASE, model_type="hunyuan_v1_moe", head_dim=24, num_experts=6, moe_topk=2, attention_bias=True
+    ),
     "llama4_text": dict(
         BASE,
         model_type="llama4_text",
@@ -320,6 +323,7 @@ def test_rope_from_transformers5_rope_parameters():
         (dict(SMALL["olmoe"], head_dim=8), "'head_dim'"),
         (dict(SMALL["qwen3_moe"], mlp_only_layers="2"), "'mlp_only_layers'"),
         (dict(SMALL["ernie4_5_moe"], use_bias=True), "'use_bias' = True is not supported"),
+        (dict(SMALL["hunyuan_v1_moe"], moe_topk=[2, 2, 1, 2]), r"'moe_topk' = \[2, 2, 1, 2\] is not supported"),
     ],
 )
 def test_unrepresentable_or_malformed_configs_raise(d, match):
@@ -388,5 +392,7 @@ def test_configs_written_by_transformers5(model_type):
         kw.update(num_experts_per_tok=2, first_k_dense_replace=1)
     if model_type == "dbrx":  # its attention reads attn_config.rope_theta, which has no default
         kw.update(attn_config={"rope_theta": 5e5})
+    if model_type == "hunyuan_v1_moe":  # its attention reads config.head_dim, which defaults to None
+        kw.update(head_dim=128)
     written = json.loads(transformers.AutoConfig.for_model(model_type, **kw).to_json_string())
     assert count_params(config_from_hf(written)).total == transformers_count(written)

@@ -65,6 +65,12 @@ CASES = {
         moe_intermediate_size=10, moe_num_experts=7, moe_k=3, moe_num_shared_experts=2, moe_layer_start_index=1,
         moe_layer_end_index=4, moe_layer_interval=2, use_bias=False, tie_word_embeddings=True,
     ),
+    # q/k norms after rotary, attention biases, per-layer lists (all equal), NTK-alpha rope.
+    "hunyuan_v1_moe": dict(
+        model_type="hunyuan_v1_moe", num_hidden_layers=2, num_key_value_heads=1, head_dim=8, intermediate_size=14,
+        num_experts=7, moe_topk=[3, 3], attention_bias=True,
+        rope_parameters={"rope_type": "dynamic", "alpha": 10.0, "factor": 1.0, "rope_theta": 5000.0},
+    ),
 }  # fmt: skip
 
 EAGER = {"experts_implementation": "eager"}

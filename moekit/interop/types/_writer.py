@@ -22,6 +22,7 @@ OPTIONAL_SETTINGS: dict[str, Any] = {
     "logits_divisor": 1.0,
     "attention.softmax_scale": None,
     "attention.clip_qkv": None,
+    "attention.qk_norm_after_rope": False,
 }
 
 

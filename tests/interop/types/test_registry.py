@@ -19,6 +19,7 @@ REGISTERED = {
     "gpt_oss",
     "granitemoe",
     "granitemoeshared",
+    "hunyuan_v1_moe",
     "llama",
     "llama4",
     "llama4_text",
@@ -42,6 +43,7 @@ LOADABLE = {
     "granitemoeshared",
     "dbrx",
     "ernie4_5_moe",
+    "hunyuan_v1_moe",
 }
 
 
