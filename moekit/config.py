@@ -59,6 +59,9 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # Hugging Face's rope_scaling dict, kept verbatim
     rope_interleave: bool = False  # DeepSeek-V3 checkpoints store rotary pairs interleaved
+    # Rotary covers the first int(head_dim * factor) dims of each q/k head, the rest pass through
+    # unrotated (MiniMax-M2: 0.5). GQA only; latent attention has qk_rope_head_dim.
+    partial_rotary_factor: float = 1.0
     # Multi-head latent attention (DeepSeek-V2/V3), used when kind == "mla".
     q_lora_rank: int | None = None  # None: a plain q projection (V2-Lite)
     kv_lora_rank: int = 512
@@ -93,6 +96,8 @@ class AttentionConfig:
                 check_positive("attention.q_lora_rank", self.q_lora_rank)
             if self.qk_rope_head_dim % 2:
                 raise ConfigError("attention.qk_rope_head_dim must be even for rotary embedding")
+            if self.partial_rotary_factor != 1.0:
+                raise ConfigError("attention.partial_rotary_factor must be 1.0 with kind='mla' (see qk_rope_head_dim)")
             return
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -111,6 +116,21 @@ class AttentionConfig:
         check_positive("attention.head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ConfigError(f"attention.head_dim must be even for rotary embedding, got {self.head_dim}")
+        f = self.partial_rotary_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ConfigError(f"attention.partial_rotary_factor must be in (0, 1], got {f!r}")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ConfigError(
+                f"attention.partial_rotary_factor ({f}) must rotate an even number of dims, got {self.rotary_dim}"
+            )
+
+    @property
+    def rotary_dim(self) -> int:
+        """The rotated dims of each q/k head (``int(head_dim * partial_rotary_factor)``; MLA: its rope part)."""
+        if self.kind == "mla":
+            return self.qk_rope_head_dim
+        assert self.head_dim is not None
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def q_head_dim(self) -> int:

@@ -123,6 +123,9 @@ SMALL = {
     "hunyuan_v1_moe": dict(
         BASE, model_type="hunyuan_v1_moe", head_dim=24, num_experts=6, moe_topk=2, attention_bias=True
     ),
+    "minimax_m2": dict(
+        BASE, model_type="minimax_m2", head_dim=24, rotary_dim=12, num_local_experts=6, num_experts_per_tok=2
+    ),
     "llama4_text": dict(
         BASE,
         model_type="llama4_text",

@@ -71,6 +71,12 @@ CASES = {
         num_experts=7, moe_topk=[3, 3], attention_bias=True,
         rope_parameters={"rope_type": "dynamic", "alpha": 10.0, "factor": 1.0, "rope_theta": 5000.0},
     ),
+    # Half the head rotated (rotary_dim 4 of head_dim 8), q/k norms over whole projections,
+    # sigmoid routing with a nonzero selection bias.
+    "minimax_m2": dict(
+        model_type="minimax_m2", num_hidden_layers=2, num_key_value_heads=1, head_dim=8, rotary_dim=4,
+        intermediate_size=14, num_local_experts=7, num_experts_per_tok=3,
+    ),
 }  # fmt: skip
 
 EAGER = {"experts_implementation": "eager"}

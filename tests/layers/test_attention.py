@@ -24,6 +24,7 @@ GQA_CASES = {
     "l2_llama3": dict(n_heads=4, n_kv_heads=1, qk_norm="l2", rope_scaling=LLAMA3),
     "head_norm": dict(n_heads=3, n_kv_heads=3, head_dim=10, qk_norm="head"),
     "full_norm_yarn": dict(n_heads=4, n_kv_heads=4, qk_norm="full", rope_scaling=YARN),
+    "partial_rotary_full_norm": dict(n_heads=4, n_kv_heads=2, qk_norm="full", partial_rotary_factor=0.5),
     "head_norm_after_rope": dict(n_heads=4, n_kv_heads=1, qk_norm="head", qk_norm_after_rope=True),
 }
 
@@ -214,3 +215,23 @@ def test_head_qk_norm_after_rope_matches_reference():
     before = Attention(AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=4, qk_norm="head", rope_theta=100.0), 16, 1e-6)
     before.load_state_dict(attn.state_dict())
     assert (before.double()(x, pos) - ref).abs().max() > 1e-6  # the order matters
+
+
+def test_partial_rotary_rotates_only_the_first_dims():
+    """MiniMax-M2: rotary of width int(head_dim * factor) on the first dims; the rest pass through."""
+    torch.manual_seed(0)
+    cfg = AttentionConfig(n_heads=2, n_kv_heads=1, head_dim=8, partial_rotary_factor=0.5, rope_theta=100.0)
+    cfg.validate(12)
+    attn = randomize(Attention(cfg, 12, 1e-6)).double()
+    assert attn.rope.dim == 4
+    x, pos = torch.randn(1, 6, 12).double(), torch.arange(6)
+    q = attn.q_proj(x).view(1, 6, 2, 8).transpose(1, 2)
+    k = attn.k_proj(x).view(1, 6, 1, 8).transpose(1, 2)
+    v = attn.v_proj(x).view(1, 6, 1, 8).transpose(1, 2)
+    cos, sin = attn.rope(pos)
+
+    def rotate(t):
+        return torch.cat([apply_rope(t[..., :4], cos.double(), sin.double()), t[..., 4:]], dim=-1)
+
+    ref = attn.o_proj(reference_attention(rotate(q), rotate(k), v, 8**-0.5).transpose(1, 2).reshape(1, 6, 16))
+    torch.testing.assert_close(attn(x, pos), ref, rtol=1e-10, atol=1e-10)

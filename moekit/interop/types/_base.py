@@ -81,6 +81,8 @@ class ModelType:
     architectures: tuple[str, ...] = ()
     # Read from a sub-object (llama4's "text_config"); keys copied from the outer config.
     sub_config: str | None = None
+    # The type's attention honours rope's ``partial_rotary_factor`` (others refuse one != 1).
+    partial_rotary: bool = False
     notes: str = ""
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ OPTIONAL_SETTINGS: dict[str, Any] = {
     "attention.softmax_scale": None,
     "attention.clip_qkv": None,
     "attention.qk_norm_after_rope": False,
+    "attention.partial_rotary_factor": 1.0,
 }
 
 

@@ -23,6 +23,7 @@ REGISTERED = {
     "llama",
     "llama4",
     "llama4_text",
+    "minimax_m2",
     "mistral",
     "mixtral",
     "olmoe",
@@ -44,6 +45,7 @@ LOADABLE = {
     "dbrx",
     "ernie4_5_moe",
     "hunyuan_v1_moe",
+    "minimax_m2",
 }
 
 
