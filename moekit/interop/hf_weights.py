@@ -7,7 +7,10 @@ A moekit state dict and a Hugging Face (hub layout) state dict differ in two way
 
 Loading also accepts the fused layout transformers 5 uses in memory
 (``experts.gate_up_proj [E, 2F, D]`` = gate then up, ``experts.down_proj [E, D, F]``), although
-``save_pretrained`` of transformers 5.23 writes the hub layout for all five supported types.
+``save_pretrained`` of transformers 5 writes the hub layout. Types whose files differ from these
+names by more than the MoE module's name (DBRX's fused q/k/v, Granite's fused experts, renamed
+routers) rewrite them with their layout's ``from_file`` / ``to_file``; the checks here see the
+standard names.
 
 Everything here works on meta tensors too, which is how shapes are checked without reading data.
 Shapes: E experts, F expert width, D model width.
