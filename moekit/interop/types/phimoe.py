@@ -4,8 +4,8 @@ Every layer is MoE. The router is PhiMoE's sparsemixer (``moe.router = "sparsemi
 ``moekit.layers.router``), which always picks two experts whatever ``num_experts_per_tok`` says,
 as transformers does; ``router_jitter_noise`` is its masking threshold. Checkpoints keep the
 sparse block as ``block_sparse_moe`` with a ``gate`` and experts ``w1``/``w3``/``w2`` (transformers
-5's in-memory ``mlp.router`` and fused experts load too). Refused: sliding windows shorter than
-the context, and LongRoPE scaling (Phi-3.5-MoE's long-context rope, not implemented).
+5's in-memory ``mlp.router`` and fused experts load too). Phi-3.5-MoE's LongRoPE is computed as
+transformers 5 does (``moekit.layers.rope``). Refused: sliding windows shorter than the context.
 """
 
 from __future__ import annotations
@@ -70,10 +70,6 @@ def refuse(d: dict[str, Any]) -> None:
     window = d.get("sliding_window")
     if window is not None and window < d.get("max_position_embeddings", 0):
         raise refused(d, "sliding_window", "sliding-window attention is not implemented")
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = d.get(key)
-        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("longrope", "su"):
-            raise refused(d, key, "LongRoPE scaling is not implemented")
 
 
 def from_file(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
