@@ -224,3 +224,24 @@ def test_dbrx_hub_config_takes_rope_theta_from_attn_config():
     d = dict(CASES["dbrx"], attn_config=dict(kv_n_heads=1, clip_qkv=8.0, rope_theta=5e5))
     assert config_from_hf({k: v for k, v in d.items() if k != "rope_theta"}).attention.rope_theta == 5e5
     assert config_from_hf(d).attention.rope_theta == 5000.0  # transformers 5 writes the top-level one
+
+
+def test_meta_load_checks_headers_only(pair):
+    """``device="meta"``: the rewrites (splits, renames) work on header-only tensors."""
+    _, _, model, folder = pair
+    meta = from_pretrained(folder, device="meta")
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert all(t.is_meta for t in meta.state_dict().values())
+
+
+def test_misshapen_fused_tensor_is_named(tmp_path):
+    """A DBRX Wqkv of the wrong height is reported under its own file name."""
+    hf = build_hf("dbrx")
+    hf.save_pretrained(tmp_path)
+    tensors = read_tensors(tmp_path)
+    name = "transformer.blocks.1.norm_attn_norm.attn.Wqkv.weight"
+    tensors[name] = tensors[name][:-2].clone()
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(MoekitError, match=rf"'{name}' has shape \(40, 30\), expected \(42, ...\)") as e:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(e.value)

@@ -1,7 +1,8 @@
 """Tensor-name rewrites for ``HFLayout.from_file`` / ``to_file``: renames, fused tensors split and joined.
 
-Splits return views (they work on meta tensors, so checkpoints are checked from their headers);
-joins copy, and run only when writing.
+Splits return views (they work on meta tensors, so checkpoints are checked from their headers)
+and raise ``CheckpointError`` naming the file's tensor when its shape is wrong; joins copy, and run
+only when writing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import ModelConfig
+from moekit.errors import CheckpointError
 
 
 def rename(tensors: dict[str, Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, Tensor]:
@@ -29,12 +31,12 @@ def rename(tensors: dict[str, Tensor], rules: Iterable[tuple[str, str]]) -> dict
     return out
 
 
-def split_rows(t: Tensor, sizes: list[int], dim: int = 0) -> list[Tensor] | None:
-    """``t`` split along ``dim`` into ``sizes``, or None when its length there is not their sum
-    (the strict name/shape check then reports the tensor)."""
-    if t.dim() <= dim or t.shape[dim] != sum(sizes):
-        return None
-    return list(t.split(sizes, dim=dim))
+def split_rows(name: str, t: Tensor, sizes: list[int]) -> list[Tensor]:
+    """The file tensor ``name`` split along dim 0 into ``sizes`` (views); its height must be their sum."""
+    if t.dim() != 2 or t.shape[0] != sum(sizes):
+        want = f"({sum(sizes)}, ...)" if t.dim() == 2 else "a matrix"
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
+    return list(t.split(sizes))
 
 
 def pop_experts(
@@ -54,14 +56,9 @@ def pop_experts(
     return out
 
 
-def split_gate_up(tensors: dict[str, Tensor], fused: str, gate: str, up: str) -> None:
+def split_gate_up(tensors: dict[str, Tensor], fused: str, gate: str, up: str, width: int) -> None:
     """Replace a fused ``[2F, D]`` gate-then-up tensor named ``fused`` by its halves (views)."""
-    t = tensors.pop(fused)
-    halves = split_rows(t, [t.shape[0] // 2] * 2) if t.dim() and t.shape[0] % 2 == 0 else None
-    if halves is None:  # the strict check reports the odd tensor under its own name
-        tensors[fused] = t
-        return
-    tensors[gate], tensors[up] = halves
+    tensors[gate], tensors[up] = split_rows(fused, tensors.pop(fused), [width, width])
 
 
 __all__ = ["pop_experts", "rename", "split_gate_up", "split_rows"]

@@ -141,17 +141,12 @@ def from_file(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]
     for name in [n for n in out if fused.match(n)]:
         m = fused.match(name)
         layer, t = f"model.layers.{m.group(1)}.", out[name]
-        if m.group(2).endswith("Wqkv.weight"):
-            parts = split_rows(t, sizes)
-            if parts is not None:
-                del out[name]
-                for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
-                    out[f"{layer}self_attn.{proj}.weight"] = part
-            continue
-        if t.dim() != 2 or t.shape[0] != e * f:
-            continue  # the strict check reports it under its own name
         del out[name]
-        w_EFD = t.view(e, f, t.shape[1])
+        if m.group(2).endswith("Wqkv.weight"):
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), split_rows(name, t, sizes), strict=True):
+                out[f"{layer}self_attn.{proj}.weight"] = part
+            continue
+        w_EFD = split_rows(name, t, [e * f])[0].view(e, f, t.shape[1])
         kind = m.group(3)
         for j in range(e):
             hf = {"w1": "gate_proj", "v1": "up_proj", "w2": "down_proj"}[kind]

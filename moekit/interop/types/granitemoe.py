@@ -92,9 +92,13 @@ def from_file(tensors: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]
             (r"\.shared_mlp\.output_linear\.weight$", ".block_sparse_moe.shared_mlp.down_proj.weight"),
         ],
     )
+    if cfg.moe is None or not cfg.moe.n_shared_experts:
+        return out  # a shared_mlp in the file is reported as unexpected
+    assert cfg.moe.shared_ffn_dim is not None
     for name in [n for n in out if n.endswith(".shared_mlp.input_linear.weight")]:
         prefix = name.removesuffix("shared_mlp.input_linear.weight") + "block_sparse_moe.shared_mlp."
-        split_gate_up(out, name, prefix + "gate_proj.weight", prefix + "up_proj.weight")
+        width = cfg.moe.n_shared_experts * cfg.moe.shared_ffn_dim
+        split_gate_up(out, name, prefix + "gate_proj.weight", prefix + "up_proj.weight", width)
     return out
 
 
