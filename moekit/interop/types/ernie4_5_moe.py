@@ -71,10 +71,12 @@ def write(cfg: ModelConfig) -> dict[str, Any]:
         ("moe.shared_ffn_dim", moe.shared_ffn_dim, moe.shared_ffn_dim == moe.expert_ffn_dim, "moe.expert_ffn_dim"),
     ]:
         require(ok, field, value, mt, expected)
-    ids = cfg.moe_layer_ids
+    ids = cfg.moe_layer_ids or [cfg.n_layers]  # none: refused just below
     step = ids[1] - ids[0] if len(ids) > 1 else ids[0] + 1
-    ok = moe_ids(cfg.n_layers, ids[0], ids[-1], step) == ids
-    require(ok, "moe layers", ids, mt, "every moe_layer_interval-th layer (i + 1 divisible) from a start to an end")
+    ok = moe_ids(cfg.n_layers, ids[0], ids[-1], step) == cfg.moe_layer_ids != []
+    require(
+        ok, "moe layers", cfg.moe_layer_ids, mt, "every moe_layer_interval-th layer (i + 1 divisible), start to end"
+    )
     out.update(
         intermediate_size=cfg.dense_ffn_dim,
         moe_intermediate_size=moe.expert_ffn_dim,
