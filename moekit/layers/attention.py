@@ -103,7 +103,7 @@ class Attention(nn.Module):
         b, t, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if self.clip_qkv is not None:  # DBRX
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+            q, k, v = (p.clamp(-self.clip_qkv, self.clip_qkv) for p in (q, k, v))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BTHd = q.view(b, t, self.n_heads, self.head_dim)

@@ -108,7 +108,7 @@ class RotaryEmbedding(nn.Module):
         self.long_switch: tuple[int, float] | None = None
         sc = scaling or {}
         if sc.get("rope_type", sc.get("type")) == "longrope" and sc.get("long_mscale") is not None:
-            ratio = float(sc["long_mscale"]) / float(sc.get("short_mscale") or 1.0)
+            ratio = float(sc["long_mscale"]) / self.attention_factor
             if ratio != 1.0:
                 self.long_switch = (int(sc["original_max_position_embeddings"]), ratio)
         self._table: tuple[Tensor, Tensor] | None = None  # cos_SR, sin_SR
