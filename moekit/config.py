@@ -151,6 +151,7 @@ class MoEConfig:
     n_shared_experts: int = 0
     shared_ffn_dim: int | None = None  # width of each shared expert; None means expert_ffn_dim
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(d, 1)) scales the shared output
+    shared_expert_bias: bool = False  # ERNIE-4.5 (use_bias): the shared experts' projections have biases
     # Router -------------------------------------------------------------------------------
     router: Literal["topk", "switch", "noisy_topk", "hash", "expert_choice", "sparsemixer"] = "topk"
     score_func: Literal["softmax", "sigmoid"] = "softmax"
@@ -307,6 +308,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     lm_head_bias: bool = False  # PhiMoE
+    dense_ffn_bias: bool = False  # ERNIE-4.5 (use_bias): the dense FFNs' projections have biases
     max_seq_len: int = 4096
     # Granite's multipliers (all 1.0 elsewhere): the embeddings are multiplied by
     # embedding_multiplier, each attention / FFN output by residual_multiplier before it joins the

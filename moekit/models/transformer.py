@@ -56,7 +56,7 @@ class Block(nn.Module):
             assert cfg.moe is not None
             self.ffn: nn.Module = MoE(cfg.moe, cfg.d_model, vocab_size=cfg.vocab_size)
         else:
-            self.ffn = FeedForward(cfg.d_model, cfg.dense_ffn_dim)
+            self.ffn = FeedForward(cfg.d_model, cfg.dense_ffn_dim, bias=cfg.dense_ffn_bias)
 
     def forward(
         self,

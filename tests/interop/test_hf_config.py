@@ -114,7 +114,7 @@ SMALL = {
         moe_num_shared_experts=2,
         moe_layer_start_index=1,
         moe_layer_interval=2,
-        use_bias=False,
+        use_bias=True,
     ),
     "granitemoe": dict(BASE, model_type="granitemoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True),
     "granitemoeshared": dict(
@@ -325,7 +325,6 @@ def test_rope_from_transformers5_rope_parameters():
         (dict(SMALL["deepseek_v3"], scoring_func="relu"), "'scoring_func'"),
         (dict(SMALL["olmoe"], head_dim=8), "'head_dim'"),
         (dict(SMALL["qwen3_moe"], mlp_only_layers="2"), "'mlp_only_layers'"),
-        (dict(SMALL["ernie4_5_moe"], use_bias=True), "'use_bias' = True is not supported"),
         (dict(SMALL["hunyuan_v1_moe"], moe_topk=[2, 2, 1, 2]), r"'moe_topk' = \[2, 2, 1, 2\] is not supported"),
     ],
 )

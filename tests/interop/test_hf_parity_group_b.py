@@ -66,12 +66,12 @@ CASES = {
         attn_config=dict(kv_n_heads=5, clip_qkv=100.0, rope_theta=5000.0),  # transformers needs a clip
         ffn_config=dict(ffn_hidden_size=14, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=None),
     ),
-    # Dense first layer, MoE every 2nd layer up to 4 (1, 3), two shared experts, attention biases,
-    # tied embeddings; a nonzero selection bias (drawn below).
+    # Dense first layer, MoE every 2nd layer up to 4 (1, 3), two shared experts, biases on attention
+    # and on the dense and shared FFNs (use_bias), tied embeddings; a nonzero selection bias.
     "ernie4_5_moe": dict(
         model_type="ernie4_5_moe", num_hidden_layers=6, num_key_value_heads=1, intermediate_size=26,
         moe_intermediate_size=10, moe_num_experts=7, moe_k=3, moe_num_shared_experts=2, moe_layer_start_index=1,
-        moe_layer_end_index=4, moe_layer_interval=2, use_bias=False, tie_word_embeddings=True,
+        moe_layer_end_index=4, moe_layer_interval=2, use_bias=True, tie_word_embeddings=True,
     ),
     # q/k norms after rotary, attention biases, per-layer lists (all equal), NTK-alpha rope.
     "hunyuan_v1_moe": dict(

@@ -141,3 +141,17 @@ def test_granite_multipliers_equal_scaled_weights():
                 p.mul_(r)
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     torch.testing.assert_close(scaled(ids).logits, plain(ids).logits, rtol=1e-10, atol=1e-10)
+
+
+def test_ffn_biases_are_built_and_counted():
+    """ERNIE-4.5's use_bias: dense FFN and shared-expert biases exist, start at zero and are counted."""
+    from moekit.accounting import count_params
+
+    cfg = small_config(n_shared_experts=2)
+    cfg = cfg.replace(dense_ffn_bias=True, moe=dict(cfg.to_dict()["moe"], shared_expert_bias=True))
+    model = MoETransformer(cfg)
+    dense = next(b for b in model.layers if not b.is_moe).ffn
+    shared = next(b for b in model.layers if b.is_moe).ffn.shared_experts
+    for ffn in (dense, shared):
+        assert all(lin.bias is not None and not lin.bias.any() for lin in (ffn.w1, ffn.w3, ffn.w2))
+    assert count_params(cfg).total == model.num_parameters()

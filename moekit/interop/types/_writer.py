@@ -24,6 +24,8 @@ OPTIONAL_SETTINGS: dict[str, Any] = {
     "attention.clip_qkv": None,
     "attention.qk_norm_after_rope": False,
     "attention.partial_rotary_factor": 1.0,
+    "dense_ffn_bias": False,
+    "moe.shared_expert_bias": False,
 }
 
 

@@ -7,8 +7,8 @@
 - ``moe_num_shared_experts`` ungated shared experts of width ``moe_intermediate_size``.
 - Placement: layer i is MoE iff ``(i + 1) % moe_layer_interval == 0`` and
   ``moe_layer_start_index <= i <= moe_layer_end_index`` (-1: the last layer).
-- ``use_bias`` puts biases on q/k/v/o (supported) and on the dense and shared FFNs (not: refused
-  when reading, as it changes the parameter count).
+- ``use_bias`` puts biases on q/k/v/o, the dense and shared FFNs (``dense_ffn_bias``,
+  ``moe.shared_expert_bias``) and the head; the routed experts and the router never have one.
 - Defaults that differ from other types: tied embeddings, rms_norm_eps 1e-5, rope theta 5e5.
 """
 
@@ -36,7 +36,8 @@ def moe_ids(n_layers: int, start: int, end: int, interval: int) -> list[int]:
 def read(r: Reader) -> ModelConfig:
     base = common(r, eps_default=1e-5, theta_default=5e5)
     base["tie_embeddings"] = r.bool("tie_word_embeddings", True)
-    r.reject("use_bias", lambda v: v is True, "moekit's dense and shared FFNs have no biases")
+    bias = r.bool("use_bias", False)
+    base["attention"].update(qkv_bias=bias, o_bias=bias)
     base["attention"]["rope_interleave"] = True
     n_layers = base["n_layers"]
     ids = moe_ids(
@@ -51,16 +52,30 @@ def read(r: Reader) -> ModelConfig:
         top_k=r.int("moe_k", 6, "num_experts_per_tok"),
         expert_ffn_dim=r.int("moe_intermediate_size", 1536),
         n_shared_experts=shared,
+        shared_expert_bias=bias,
         selection_bias=True,
     )
-    return make(r, base, dense_ffn_dim=r.int("intermediate_size", 12288), moe=moe, moe_ids=ids)
+    return make(
+        r,
+        base,
+        dense_ffn_dim=r.int("intermediate_size", 12288),
+        moe=moe,
+        moe_ids=ids,
+        dense_ffn_bias=bias,
+        lm_head_bias=bias,
+    )
 
 
 def write(cfg: ModelConfig) -> dict[str, Any]:
     mt = "ernie4_5_moe"
-    moe, out = write_common(cfg, mt, ARCHITECTURE, writes=("attention.rope_interleave",))
+    writes = ("attention.rope_interleave", "dense_ffn_bias", "moe.shared_expert_bias")
+    moe, out = write_common(cfg, mt, ARCHITECTURE, lm_head_bias=True, writes=writes)
     att = cfg.attention
-    bias = gqa(cfg, mt, "none", "all")
+    bias = gqa(cfg, mt, "none", "all")  # use_bias: attention, dense and shared FFN biases together
+    require(cfg.dense_ffn_bias == bias, "dense_ffn_bias", cfg.dense_ffn_bias, mt, f"{bias} (= attention biases)")
+    require(cfg.lm_head_bias == bias, "lm_head_bias", cfg.lm_head_bias, mt, f"{bias} (= attention biases)")
+    ok = moe.shared_expert_bias == bias or moe.n_shared_experts == 0
+    require(ok, "moe.shared_expert_bias", moe.shared_expert_bias, mt, f"{bias} (= attention biases)")
     require(att.rope_interleave, "attention.rope_interleave", False, mt, "True")
     for field, value, ok, expected in [
         ("moe.score_func", moe.score_func, moe.score_func == "softmax", "'softmax'"),
