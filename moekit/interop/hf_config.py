@@ -5,7 +5,7 @@ dispatches to them. A field that changes the parameter count and that ``ModelCon
 express raises ``ConfigError`` naming it (never a silently wrong count).
 
 Not represented, on purpose (they change behaviour, not parameters): sliding-window / chunked
-attention layouts, gpt-oss's clamped SwiGLU, PhiMoE's sparsemixer router, Llama 4's no-rope layers
+attention layouts, gpt-oss's clamped SwiGLU, Llama 4's no-rope layers
 and its L2 q/k norm being applied only on rotary layers, OLMoE's ``clip_qkv``. DeepSeek-V3's
 multi-token-prediction module (``num_nextn_predict_layers``) is not part of the model, as in
 transformers (the 671B total excludes it).

@@ -159,15 +159,16 @@ def _check_hf_options(d: dict[str, Any]) -> None:
         raise refused(d, "quantization_config", "quantized checkpoints must be dequantized first")
     if d.get("hidden_act", "silu") != "silu":
         raise refused(d, "hidden_act", "moekit's FFNs are SwiGLU (silu)")
+    t = get_type(d.get("model_type", ""))
     for key in ("rope_scaling", "rope_parameters"):
         rope = d.get(key)
         if isinstance(rope, dict) and rope.get("truncate") is False:
             raise UnsupportedError(f"{where}: '{key}.truncate' = False is not supported: YaRN is always truncated")
-        if isinstance(rope, dict) and rope.get("partial_rotary_factor", 1.0) != 1.0:
+        partial = t is not None and t.partial_rotary
+        if isinstance(rope, dict) and rope.get("partial_rotary_factor", 1.0) != 1.0 and not partial:
             raise UnsupportedError(
                 f"{where}: '{key}.partial_rotary_factor' is not supported: rotary covers whole heads"
             )
-    t = get_type(d.get("model_type", ""))
     if t is not None:
         t.refuse(d)
 

@@ -67,13 +67,14 @@ def causal_attention(
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with optional q/k norm, biases and attention sinks."""
+    """Grouped-query attention with optional q/k norm, biases, attention sinks and q/k/v clamping."""
 
     def __init__(self, cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None):
         super().__init__()
         assert cfg.head_dim is not None and cfg.n_kv_heads is not None
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm = cfg.qk_norm
+        self.qk_norm_after_rope = cfg.qk_norm_after_rope
         q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d_model, q_width, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
@@ -85,9 +86,11 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = nn.RMSNorm(q_width, eps=norm_eps), nn.RMSNorm(kv_width, eps=norm_eps)
         self.norm_eps = norm_eps
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.sinks else None
-        self.rope = rope or RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = rope or RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary_dim = cfg.rotary_dim  # < head_dim: partial rotary, the rest passes through
         self.interleaved = cfg.rope_interleave
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        self.clip_qkv = cfg.clip_qkv
 
     def forward(
         self,
@@ -100,17 +103,20 @@ class Attention(nn.Module):
         """``positions_T``: ``[T]`` or ``[B, T]``; ``cache``: this layer's, new tokens stored at ``offset``."""
         b, t, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.clip_qkv is not None:  # DBRX
+            q, k, v = (p.clamp(-self.clip_qkv, self.clip_qkv) for p in (q, k, v))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BTHd = q.view(b, t, self.n_heads, self.head_dim)
         k_BTGd = k.view(b, t, self.n_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q_BTHd, k_BTGd = self.q_norm(q_BTHd), self.k_norm(k_BTGd)
         q_BHTd, k_BGTd = q_BTHd.transpose(1, 2), k_BTGd.transpose(1, 2)
         v_BGTd = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rope(positions_T)
-        q_BHTd = apply_rope(q_BHTd, cos, sin, self.interleaved)
-        k_BGTd = apply_rope(k_BGTd, cos, sin, self.interleaved)
+        q_BHTd, k_BGTd = self._rotate(q_BHTd, cos, sin), self._rotate(k_BGTd, cos, sin)
+        if self.qk_norm_after_rope:  # Hunyuan-MoE: the per-head norms see rotated q/k
+            q_BHTd, k_BGTd = self.q_norm(q_BHTd), self.k_norm(k_BGTd)
         if self.qk_norm == "l2":  # Llama 4: parameter-free RMS normalisation after rotation
             q_BHTd, k_BGTd = (
                 F.rms_norm(q_BHTd, (self.head_dim,), eps=self.norm_eps),
@@ -119,6 +125,12 @@ class Attention(nn.Module):
         k_BGLd, v_BGLd = (k_BGTd, v_BGTd) if cache is None else cache.update(k_BGTd, v_BGTd, offset)
         out_BHTd = causal_attention(q_BHTd, k_BGLd, v_BGLd, self.scale, self.sinks, mask)
         return self.o_proj(out_BHTd.transpose(1, 2).reshape(b, t, -1))
+
+    def _rotate(self, x_BHTd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        r = self.rotary_dim
+        if r == self.head_dim:
+            return apply_rope(x_BHTd, cos, sin, self.interleaved)
+        return torch.cat([apply_rope(x_BHTd[..., :r], cos, sin, self.interleaved), x_BHTd[..., r:]], dim=-1)
 
 
 # The latent norms use RMSNorm's default eps whatever the model's norm_eps, as DeepSeek's reference
@@ -235,6 +247,4 @@ def build_attention(
 
 def rotary_for(cfg: AttentionConfig, max_positions: int | None = None) -> RotaryEmbedding:
     """The rotary embedding every layer of a model with this attention config uses."""
-    dim = cfg.qk_rope_head_dim if cfg.kind == "mla" else cfg.head_dim
-    assert dim is not None
-    return RotaryEmbedding(dim, cfg.rope_theta, cfg.rope_scaling, max_positions)
+    return RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, max_positions)

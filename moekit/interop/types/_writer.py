@@ -14,29 +14,67 @@ from typing import Any
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.types._base import UnsupportedError
 
+# Settings only some types express, with their neutral values: a type writes them only when it
+# names them in ``common(..., writes=...)``; for every other type they must be neutral.
+OPTIONAL_SETTINGS: dict[str, Any] = {
+    "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0,
+    "logits_divisor": 1.0,
+    "attention.softmax_scale": None,
+    "attention.clip_qkv": None,
+    "attention.qk_norm_after_rope": False,
+    "attention.partial_rotary_factor": 1.0,
+    "dense_ffn_bias": False,
+    "moe.shared_expert_bias": False,
+}
+
+
+def setting(cfg: ModelConfig, field: str) -> Any:
+    node: Any = cfg
+    for part in field.split("."):
+        node = getattr(node, part)
+    return node
+
 
 def require(ok: bool, field: str, value: Any, model_type: str, expected: str) -> None:
     if not ok:
         raise UnsupportedError(f"{field}={value!r} cannot be written as model_type {model_type!r}: expected {expected}")
 
 
-def common(cfg: ModelConfig, model_type: str, architecture: str) -> tuple[MoEConfig, dict[str, Any]]:
-    """Checks every supported type shares, and the keys every type writes."""
+def common(
+    cfg: ModelConfig,
+    model_type: str,
+    architecture: str,
+    *,
+    norm: str = "rmsnorm",
+    router: str = "topk",
+    lm_head_bias: bool = False,
+    writes: tuple[str, ...] = (),
+) -> tuple[MoEConfig, dict[str, Any]]:
+    """Checks every supported type shares, and the keys every type writes.
+
+    ``norm`` / ``router``: the type's (PhiMoE: "layernorm", "sparsemixer"); ``lm_head_bias``: the
+    type may have one; ``writes``: the ``OPTIONAL_SETTINGS`` the type expresses.
+    """
     moe = cfg.moe
     if moe is None:
         raise UnsupportedError(f"moe is None: model_type {model_type!r} needs an MoE config")
     att = cfg.attention
     for field, value, ok, expected in [
-        ("norm", cfg.norm, cfg.norm == "rmsnorm", "'rmsnorm'"),
-        ("lm_head_bias", cfg.lm_head_bias, not cfg.lm_head_bias, "False"),
+        ("norm", cfg.norm, cfg.norm == norm, repr(norm)),
+        ("lm_head_bias", cfg.lm_head_bias, lm_head_bias or not cfg.lm_head_bias, "False"),
         ("attention.sinks", att.sinks, not att.sinks, "False"),
-        ("moe.router", moe.router, moe.router == "topk", "'topk'"),
+        ("moe.router", moe.router, moe.router == router, repr(router)),
         ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is None, "None (dropless)"),
         ("moe.router_bias", moe.router_bias, not moe.router_bias, "False"),
         ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),
     ]:
         require(ok, field, value, model_type, expected)
-    if att.kind != "mla":
+    for field, neutral in OPTIONAL_SETTINGS.items():
+        if field not in writes:
+            value = setting(cfg, field)
+            require(value == neutral, field, value, model_type, repr(neutral))
+    if att.kind != "mla" and "attention.rope_interleave" not in writes:
         require(not att.rope_interleave, "attention.rope_interleave", True, model_type, "False")
     out: dict[str, Any] = {
         "architectures": [architecture],

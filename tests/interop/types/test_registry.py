@@ -13,9 +13,9 @@ from moekit.interop.types import TYPES, ModelType, get_type, loadable_types, typ
 REGISTERED = {
     "arctic",
     "bailing_moe",
+    "dbrx",
     "deepseek",
     "deepseek_v2",
-    "dbrx",
     "deepseek_v3",
     "deepseek_v32",
     "dots1",
@@ -25,6 +25,7 @@ REGISTERED = {
     "glm_moe_dsa",
     "gpt_oss",
     "granitemoe",
+    "granitemoeshared",
     "grok-1",
     "hunyuan",
     "hunyuan_v1_moe",
@@ -52,7 +53,20 @@ REGISTERED = {
     "skywork_moe",
     "xverse",
 }
-WRITABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+WRITABLE = {
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "phimoe",
+    "granitemoe",
+    "granitemoeshared",
+    "dbrx",
+    "ernie4_5_moe",
+    "hunyuan_v1_moe",
+    "minimax_m2",
+}
 LOADABLE = WRITABLE | {"kimi_k2"}  # Kimi-K2 checkpoints have DeepSeek-V3's tensor names
 
 
@@ -96,6 +110,11 @@ GQA = dict(n_heads=4, n_kv_heads=2)
             AttentionConfig(**GQA, qk_norm="head"),
             MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, shared_expert_gate=True),
             "qwen2_moe",
+        ),
+        (
+            AttentionConfig(**GQA, qkv_bias=True, o_bias=True),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, router="sparsemixer"),
+            "phimoe",
         ),
         (
             AttentionConfig(
