@@ -7,10 +7,12 @@ A moekit state dict and a Hugging Face (hub layout) state dict differ in two way
 
 Loading also accepts the fused layout transformers 5 uses in memory
 (``experts.gate_up_proj [E, 2F, D]`` = gate then up, ``experts.down_proj [E, D, F]``), although
-``save_pretrained`` of transformers 5 writes the hub layout. Types whose files differ from these
-names by more than the MoE module's name (DBRX's fused q/k/v, Granite's fused experts, renamed
-routers) rewrite them with their layout's ``from_file`` / ``to_file``; the checks here see the
-standard names.
+``save_pretrained`` of transformers 5 writes the hub layout for the types it converts. Types
+whose checkpoints only ever hold fused tensors (gpt-oss, Llama 4: ``HFLayout.fused``) are read
+and written in their own ``[E, D, 2F]`` / ``[E, F, D]`` layout, gate and up interleaved or
+concatenated. Types whose files differ from these names by more than the MoE module's name
+(DBRX's fused q/k/v, Granite's fused experts, renamed routers) rewrite them with their layout's
+``from_file`` / ``to_file``; the checks here see the standard names.
 
 Everything here works on meta tensors too, which is how shapes are checked without reading data.
 Shapes: E experts, F expert width, D model width.
@@ -50,10 +52,10 @@ _RULES: list[tuple[str, str]] = [
     (_L + r"attn_norm\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
     (_L + r"ffn_norm\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
     (_L + r"attn\.(\w+\.weight|\w+\.bias|sinks)", r"model.layers.\1.self_attn.\2"),
-    (_L + r"ffn\.w1\.(weight|bias)", r"model.layers.\1.mlp.gate_proj.\2"),  # dense FFN layers
-    (_L + r"ffn\.w3\.(weight|bias)", r"model.layers.\1.mlp.up_proj.\2"),
-    (_L + r"ffn\.w2\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2"),
-    (_L + r"ffn\.router\.gate\.(weight|bias)", r"model.layers.\1.{moe}.gate.\2"),
+    (_L + r"ffn\.w1\.(weight|bias)", r"model.layers.\1.{dense}.gate_proj.\2"),  # dense FFN layers
+    (_L + r"ffn\.w3\.(weight|bias)", r"model.layers.\1.{dense}.up_proj.\2"),
+    (_L + r"ffn\.w2\.(weight|bias)", r"model.layers.\1.{dense}.down_proj.\2"),
+    (_L + r"ffn\.router\.gate\.(weight|bias)", r"model.layers.\1.{moe}.{router}.\2"),
     (_L + r"ffn\.router\.selection_bias", r"model.layers.\1.{moe}.gate.e_score_correction_bias"),
     (_L + r"ffn\.shared_experts\.w1\.(weight|bias)", r"model.layers.\1.{moe}.{shared}.gate_proj.\2"),
     (_L + r"ffn\.shared_experts\.w3\.(weight|bias)", r"model.layers.\1.{moe}.{shared}.up_proj.\2"),
@@ -62,6 +64,42 @@ _RULES: list[tuple[str, str]] = [
 ]
 _EXPERTS = re.compile(_L + r"ffn\.experts\.(w1|w3|w2)")
 _W_INDEX = {"w1": 0, "w3": 1, "w2": 2}
+_EXPERT_BIAS = re.compile(_L + r"ffn\.experts\.(b1|b3|b2)")
+
+
+def _fuse_interleaved(sd: Mapping[str, Tensor], layer: int, lay: HFLayout) -> dict[str, Tensor]:
+    """One layer's stacked experts as transformers' fused tensors (see ``HFLayout.fused``)."""
+    p, base = f"layers.{layer}.ffn.experts.", f"model.layers.{layer}.{lay.moe}.experts."
+    w1, w3, w2 = sd[p + "w1"], sd[p + "w3"], sd[p + "w2"]
+    e, f, d = w1.shape
+    gate_up_EXD = (
+        torch.stack([w1, w3], dim=2).reshape(e, 2 * f, d) if lay.fused == "interleaved" else torch.cat([w1, w3], 1)
+    )
+    out = {
+        base + "gate_up_proj": gate_up_EXD.transpose(1, 2).contiguous(),
+        base + "down_proj": w2.transpose(1, 2).contiguous(),
+    }
+    if p + "b1" in sd:
+        out[base + "gate_up_proj_bias"] = torch.stack([sd[p + "b1"], sd[p + "b3"]], dim=2).reshape(e, 2 * f)
+        out[base + "down_proj_bias"] = sd[p + "b2"]
+    return out
+
+
+def _unfuse_interleaved(kept: Mapping[str, Tensor], name: str, lay: HFLayout) -> Tensor:
+    """The moekit expert tensor ``name`` (``layers.{i}.ffn.experts.w1`` ...) from the fused ones."""
+    m = re.fullmatch(_L + r"ffn\.experts\.(w1|w3|w2|b1|b3|b2)", name)
+    assert m is not None
+    base, which = f"model.layers.{m.group(1)}.{lay.moe}.experts.", m.group(2)
+    if which == "w2":
+        return kept[base + "down_proj"].transpose(1, 2).contiguous()
+    if which == "b2":
+        return kept[base + "down_proj_bias"]
+    up = which in ("w3", "b3")
+    t = kept[base + ("gate_up_proj" if which in ("w1", "w3") else "gate_up_proj_bias")]
+    f = t.shape[-1] // 2
+    # gpt-oss: gate at even columns, up at odd; Llama 4: gate first, then up
+    part = t[..., int(up) :: 2] if lay.fused == "interleaved" else t[..., f:] if up else t[..., :f]
+    return (part.transpose(1, 2) if which in ("w1", "w3") else part).contiguous()
 
 
 def hf_name(name: str, lay: HFLayout, model_type: str = "") -> str:
@@ -72,7 +110,7 @@ def hf_name(name: str, lay: HFLayout, model_type: str = "") -> str:
             continue
         if "{shared}" in template and lay.shared is None:
             break
-        return m.expand(template.format(moe=lay.moe, shared=lay.shared))
+        return m.expand(template.format(moe=lay.moe, shared=lay.shared, router=lay.router, dense=lay.dense))
     raise UnsupportedError(f"moekit tensor {name!r} has no Hugging Face name in model type {model_type!r}")
 
 
@@ -109,6 +147,10 @@ def _standard_hf(
     for name, t in sd.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # HF re-ties lm_head to embed_tokens from tie_word_embeddings
+        if lay.fused is not None and (_EXPERTS.fullmatch(name) or _EXPERT_BIAS.fullmatch(name)):
+            if name.endswith(".w1"):
+                out.update(_fuse_interleaved(sd, int(name.split(".")[1]), lay))
+            continue
         m = _EXPERTS.fullmatch(name)
         if m is None:
             out[hf_name(name, lay, model_type)] = t
@@ -154,7 +196,7 @@ def _to_hub_layout(
             name = f"model.layers.{m.group(1)}.{lay.moe}.{name[m.end() :]}"
         out[name] = t
     fused = re.compile(rf"model\.layers\.(\d+)\.{lay.moe}\.experts\.(gate_up_proj|down_proj)")
-    for name, t in list(out.items()):
+    for name, t in list(out.items()) if lay.fused is None else ():
         m = fused.fullmatch(name)
         if m is None:
             continue
@@ -219,6 +261,9 @@ def from_hf_state_dict(
     check_tensors(kept, expected, what)
     out: dict[str, Tensor] = {}
     for name in meta:
+        if lay.fused is not None and (_EXPERTS.fullmatch(name) or _EXPERT_BIAS.fullmatch(name)):
+            out[name] = _unfuse_interleaved(kept, name, lay)
+            continue
         m = _EXPERTS.fullmatch(name)
         if m is not None:  # stack the per-expert matrices along dim 0: [E, F, D] / [E, D, F]
             layer, w = int(m.group(1)), _W_INDEX[m.group(2)]

@@ -49,7 +49,7 @@ class Block(nn.Module):
         self.layer_id = layer_id
         self.residual_multiplier = cfg.residual_multiplier
         self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = build_attention(cfg.attention, cfg.d_model, cfg.norm_eps, rope)
+        self.attn = build_attention(cfg.attention, cfg.d_model, cfg.norm_eps, rope, layer_id)
         self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         if self.is_moe:

@@ -9,6 +9,8 @@ legacy ``rope_theta``/``rope_scaling`` form, which every transformers release si
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from moekit.config import ModelConfig, MoEConfig
@@ -28,6 +30,9 @@ OPTIONAL_SETTINGS: dict[str, Any] = {
     "moe.shared_expert_bias": False,
 }
 
+# While ``mismatches`` runs a writer, ``require`` records every failed check here instead of raising.
+_FOUND: ContextVar[list[str] | None] = ContextVar("_FOUND", default=None)
+
 
 def setting(cfg: ModelConfig, field: str) -> Any:
     node: Any = cfg
@@ -37,24 +42,46 @@ def setting(cfg: ModelConfig, field: str) -> Any:
 
 
 def require(ok: bool, field: str, value: Any, model_type: str, expected: str) -> None:
-    if not ok:
+    if ok:
+        return
+    found = _FOUND.get()
+    if found is None:
         raise UnsupportedError(f"{field}={value!r} cannot be written as model_type {model_type!r}: expected {expected}")
+    found.append(f"{field}={value!r} (expected {expected})")
+
+
+def mismatches(write: Callable[[ModelConfig], dict[str, Any]], cfg: ModelConfig) -> list[str]:
+    """Every field of ``cfg`` that ``write``'s model type cannot express (empty: it can)."""
+    found: list[str] = []
+    token = _FOUND.set(found)
+    try:
+        write(cfg)
+    except UnsupportedError as e:  # a check that cannot go on (no MoE config at all)
+        found.append(str(e))
+    except (AssertionError, ArithmeticError, TypeError, ValueError) as e:  # a check past a failed one
+        if not found:
+            found.append(f"{type(e).__name__}: {e}")
+    finally:
+        _FOUND.reset(token)
+    return found
 
 
 def common(
     cfg: ModelConfig,
     model_type: str,
     architecture: str,
+    writes: tuple[str, ...] = (),
     *,
     norm: str = "rmsnorm",
     router: str = "topk",
     lm_head_bias: bool = False,
-    writes: tuple[str, ...] = (),
 ) -> tuple[MoEConfig, dict[str, Any]]:
     """Checks every supported type shares, and the keys every type writes.
 
-    ``norm`` / ``router``: the type's (PhiMoE: "layernorm", "sparsemixer"); ``lm_head_bias``: the
-    type may have one; ``writes``: the ``OPTIONAL_SETTINGS`` the type expresses.
+    ``writes``: the fields the type expresses, which its writer writes and checks itself: any of
+    the shared checks below (gpt-oss's ``attention.sinks``, Llama 4's ``attention.rope_interleave``)
+    and the ``OPTIONAL_SETTINGS`` (each other one must be neutral). ``norm`` / ``router``: the
+    type's (PhiMoE: "layernorm", "sparsemixer"); ``lm_head_bias``: the type may have one.
     """
     moe = cfg.moe
     if moe is None:
@@ -68,8 +95,14 @@ def common(
         ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is None, "None (dropless)"),
         ("moe.router_bias", moe.router_bias, not moe.router_bias, "False"),
         ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),
+        ("moe.expert_activation", moe.expert_activation, moe.expert_activation == "swiglu", "'swiglu'"),
+        ("attention.sliding_window", att.sliding_window, att.sliding_window is None, "None"),
+        ("attention.chunk_size", att.chunk_size, att.chunk_size is None, "None"),
+        ("attention.nope_layers", att.nope_layers, not att.nope_layers, "None"),
+        ("moe.scale_expert_input", moe.scale_expert_input, not moe.scale_expert_input, "False"),
     ]:
-        require(ok, field, value, model_type, expected)
+        if field not in writes:
+            require(ok, field, value, model_type, expected)
     for field, neutral in OPTIONAL_SETTINGS.items():
         if field not in writes:
             value = setting(cfg, field)

@@ -58,7 +58,12 @@ WRITABLE = {
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",
+    "deepseek_v2",
     "deepseek_v3",
+    "dots1",
+    "glm4_moe",
+    "gpt_oss",
+    "llama4_text",
     "phimoe",
     "granitemoe",
     "granitemoeshared",
@@ -107,26 +112,88 @@ GQA = dict(n_heads=4, n_kv_heads=2)
         (AttentionConfig(**GQA, qk_norm="head"), MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8), "qwen3_moe"),
         (AttentionConfig(**GQA, qk_norm="full"), MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8), "olmoe"),
         (
-            AttentionConfig(**GQA, qk_norm="head"),
+            AttentionConfig(**GQA),
             MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, shared_expert_gate=True),
             "qwen2_moe",
         ),
         (
-            AttentionConfig(**GQA, qkv_bias=True, o_bias=True),
-            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, router="sparsemixer"),
-            "phimoe",
+            AttentionConfig(
+                n_heads=2,
+                kind="mla",
+                kv_lora_rank=8,
+                qk_nope_head_dim=4,
+                qk_rope_head_dim=4,
+                v_head_dim=4,
+                rope_interleave=True,
+            ),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, norm_topk_prob=False),
+            "deepseek_v2",
         ),
         (
             AttentionConfig(
                 n_heads=2, kind="mla", kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4
             ),
-            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, score_func="sigmoid"),
             "deepseek_v3",
+        ),
+        (
+            AttentionConfig(**GQA, partial_rotary_factor=0.5),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, score_func="sigmoid"),
+            "glm4_moe",
         ),
     ],
 )
 def test_infer_model_type_from_each_types_claims(attention, moe, expected):
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, dense_ffn_dim=32, attention=attention, moe=moe)
+    assert infer_model_type(cfg) == expected
+
+
+MOE = dict(n_routed_experts=4, top_k=2, expert_ffn_dim=8)
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (
+            dict(
+                norm="layernorm",
+                lm_head_bias=True,
+                attention=AttentionConfig(**GQA, qkv_bias=True, o_bias=True),
+                moe=MoEConfig(**MOE, router="sparsemixer"),
+            ),
+            "phimoe",
+        ),
+        (dict(embedding_multiplier=12.0, attention=AttentionConfig(**GQA, softmax_scale=0.125)), "granitemoe"),
+        (dict(residual_multiplier=0.2, moe=MoEConfig(**MOE, n_shared_experts=1)), "granitemoeshared"),
+        (dict(norm="layernorm_nobias", norm_eps=1e-5, attention=AttentionConfig(**GQA, clip_qkv=8.0)), "dbrx"),
+        (
+            dict(
+                attention=AttentionConfig(**GQA, rope_interleave=True),
+                moe=MoEConfig(**MOE, n_shared_experts=2, selection_bias=True),
+            ),
+            "ernie4_5_moe",
+        ),
+        (
+            dict(
+                attention=AttentionConfig(**GQA, qk_norm="head", qk_norm_after_rope=True),
+                moe=MoEConfig(**MOE, n_shared_experts=1),
+            ),
+            "hunyuan_v1_moe",
+        ),
+        (
+            dict(
+                attention=AttentionConfig(**GQA, qk_norm="full", partial_rotary_factor=0.5),
+                moe=MoEConfig(**MOE, score_func="sigmoid", selection_bias=True),
+            ),
+            "minimax_m2",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_infer_model_type_of_configs_only_one_type_expresses(model, expected):
+    """Each config is written as the one type whose writer accepts every field (and whose claims fit)."""
+    kw = dict(vocab_size=32, d_model=16, n_layers=2, dense_ffn_dim=32, attention=AttentionConfig(**GQA))
+    cfg = ModelConfig(**{**kw, "moe": MoEConfig(**MOE), **model})
     assert infer_model_type(cfg) == expected
 
 
