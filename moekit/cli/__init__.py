@@ -13,7 +13,7 @@ import sys
 from moekit.errors import MoekitError
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ["quickstart", "params", "convert", "train", "eval", "plot", "compare", "bench"]
+COMMANDS = ["quickstart", "params", "convert", "train", "eval", "generate", "plot", "compare", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

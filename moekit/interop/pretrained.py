@@ -12,7 +12,9 @@ tensor or field and never yields a partly loaded model. ``device="meta"`` stops 
 has the right shapes and dtypes and no data is read (for accounting).
 
 The tokenizer: ``from_pretrained`` sets ``model.tokenizer`` to ``load_tokenizer(folder)``, a
-``tokenizers.Tokenizer`` or None; ``save_pretrained`` writes it back as ``tokenizer.json``.
+``moekit.tokenizer.Tokenizer`` or None; ``save_pretrained`` writes it back as ``tokenizer.json``.
+``model.generation_config`` holds the folder's ``generation_config.json`` (or None). A moekit
+training run directory loads its newest checkpoint (``run_folder``).
 """
 
 from __future__ import annotations
@@ -40,11 +42,20 @@ from moekit.interop.hf_weights import (
     from_hf_state_dict,
     to_hf_state_dict,
 )
+from moekit.interop.run_folder import resolve_run_folder
+from moekit.models.generation import GenerationConfig
 from moekit.models.transformer import MoETransformer
+from moekit.tokenizer import ByteTokenizer, TextTokenizer, Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"
 # Files next to the weights that a conversion carries over unchanged (tokenizer, generation).
-SIDE_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SIDE_FILES = (
+    TOKENIZER,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -115,23 +126,26 @@ def read_tensors(folder: Path, meta: bool = False) -> dict[str, Tensor]:
     return out
 
 
-def load_tokenizer(path: str | Path) -> Any | None:
-    """The folder's ``tokenizer.json`` as a ``tokenizers.Tokenizer``, or None when there is none.
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The folder's tokenizer (``tokenizer.json`` with its ``tokenizer_config.json``; a byte-level
+    training run's byte tokenizer), or None when there is none.
 
     Without the optional ``tokenizers`` package a present tokenizer is skipped with a warning.
     """
-    file = Path(path) / TOKENIZER
-    if not file.is_file():
+    run = resolve_run_folder(path)
+    folder = Path(path) if run is None else run.checkpoint
+    if run is not None and run.tokenizer_kind == "byte":
+        return ByteTokenizer()
+    if not (folder / TOKENIZER).is_file():
         return None
     try:
-        from tokenizers import Tokenizer
+        import tokenizers  # noqa: F401
     except ImportError:
-        warnings.warn(f"{file} not loaded: install the 'tokenizers' package (pip install moekit[hf])", stacklevel=2)
+        warnings.warn(
+            f"{folder / TOKENIZER} not loaded: install the 'tokenizers' package (pip install moekit[hf])", stacklevel=2
+        )
         return None
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises plain Exceptions for malformed files
-        raise CheckpointError(f"cannot read {file}: {e}") from None
+    return TextTokenizer.from_folder(folder)
 
 
 # Config options transformers honours but ModelConfig does not represent: refuse them rather than
@@ -219,9 +233,11 @@ def from_pretrained(
     or transformers-5 fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of
     its embedding); buffers (the router's selection bias) stay fp32 as in transformers.
     ``device="meta"`` reads headers only. ``model.tokenizer`` is the folder's tokenizer or None.
+    ``path`` may be a moekit training run directory: its newest checkpoint is loaded.
     Raises ``CheckpointError`` / ``UnsupportedError`` / ``ConfigError`` (all ``MoekitError``).
     """
-    folder = Path(path)
+    run = resolve_run_folder(path)
+    folder = Path(path) if run is None else run.checkpoint
     cfg, raw = load_config(folder)
     target = _resolve_dtype(dtype)
 
@@ -241,7 +257,8 @@ def from_pretrained(
     if not meta:
         model.to(device)
     model.eval()
-    model.tokenizer = load_tokenizer(folder)
+    model.tokenizer = load_tokenizer(path)
+    model.generation_config = GenerationConfig.from_folder(folder)
     return model
 
 

@@ -1,8 +1,14 @@
 """Causal self-attention: grouped-query attention and DeepSeek's multi-head latent attention.
 
-Shapes: B batch, T tokens, D model width, H query heads, G key/value heads, d head width,
-C latent (compressed kv) width, R rotary width. Projections use Hugging Face's names so that
-checkpoint mapping stays a rename.
+Both take the new tokens ``x``, their rotary ``positions`` and optionally a layer cache
+(``moekit.layers.kv_cache``) with the ``offset`` of the new tokens in it, and an attention
+``mask``. Without a mask, attention is causal aligned at the end: query i of T attends to keys up
+to ``L - T + i`` of L (equal lengths: plain causal; one query: every key).
+
+Shapes: B batch, T new tokens, L keys (cached + new), D model width, H query heads, G key/value
+heads, d head width, v value head width, C latent (compressed kv) width, R rotary width, X = C + R
+(one row of the latent cache), N nope (non-rotary) query/key width. Projections use Hugging
+Face's names so that checkpoint mapping stays a rename.
 """
 
 from __future__ import annotations
@@ -14,33 +20,56 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import AttentionConfig
-from moekit.layers.rope import RotaryEmbedding, apply_rope
+from moekit.layers.kv_cache import KVCache, LatentCache
+from moekit.layers.rope import RotaryEmbedding, apply_rope, yarn_mscale
 
 
-def causal_attention(q_BHTd: Tensor, k_BGTd: Tensor, v_BGTd: Tensor, scale: float, sinks_H: Tensor | None) -> Tensor:
-    """Softmax attention with a causal mask; GQA heads share k/v. Returns ``[B, H, T, dv]``."""
+def end_aligned_causal_mask(t: int, n: int, device: torch.device) -> Tensor:
+    """``[T, L]`` bool: query i (the (L - T + i)-th token) attends to keys 0 .. L - T + i."""
+    return torch.arange(n, device=device)[None, :] <= torch.arange(n - t, n, device=device)[:, None]
+
+
+def causal_attention(
+    q_BHTd: Tensor,
+    k_BGLd: Tensor,
+    v_BGLd: Tensor,
+    scale: float,
+    sinks_H: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Softmax attention; GQA heads share k/v. Returns ``[B, H, T, dv]``.
+
+    ``mask`` (bool, True = may attend, broadcast to ``[B, H, T, L]``) replaces the default
+    end-aligned causal mask.
+    """
+    t, n = q_BHTd.shape[2], k_BGLd.shape[2]
     if sinks_H is None:
-        enable_gqa = q_BHTd.shape[1] != k_BGTd.shape[1]
+        enable_gqa = q_BHTd.shape[1] != k_BGLd.shape[1]
+        # NOTE: no mask tensor in the two common cases (prefill: T == L; decode: T == 1), so SDPA
+        # can pick its fused kernels.
+        is_causal = mask is None and t == n and t > 1
+        if mask is None and t != n and t > 1:
+            mask = end_aligned_causal_mask(t, n, q_BHTd.device)
         return F.scaled_dot_product_attention(
-            q_BHTd, k_BGTd, v_BGTd, is_causal=True, scale=scale, enable_gqa=enable_gqa
+            q_BHTd, k_BGLd, v_BGLd, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
     # Attention sinks (gpt-oss): a per-head logit joins every softmax and takes mass, no value.
-    rep = q_BHTd.shape[1] // k_BGTd.shape[1]
-    k_BHTd = k_BGTd.repeat_interleave(rep, dim=1)
-    v_BHTd = v_BGTd.repeat_interleave(rep, dim=1)
-    scores_BHTT = (q_BHTd @ k_BHTd.transpose(-1, -2)) * scale
-    t = q_BHTd.shape[2]
-    mask_TT = torch.ones(t, t, dtype=torch.bool, device=q_BHTd.device).tril()
-    scores_BHTT = scores_BHTT.masked_fill(~mask_TT, float("-inf"))
-    sink_BHT1 = sinks_H.to(scores_BHTT.dtype).view(1, -1, 1, 1).expand(*scores_BHTT.shape[:3], 1)
-    probs = torch.cat([scores_BHTT, sink_BHT1], dim=-1).softmax(dim=-1)[..., :-1]
-    return probs @ v_BHTd
+    rep = q_BHTd.shape[1] // k_BGLd.shape[1]
+    k_BHLd = k_BGLd.repeat_interleave(rep, dim=1)
+    v_BHLd = v_BGLd.repeat_interleave(rep, dim=1)
+    scores_BHTL = (q_BHTd @ k_BHLd.transpose(-1, -2)) * scale
+    if mask is None:
+        mask = end_aligned_causal_mask(t, n, q_BHTd.device)
+    scores_BHTL = scores_BHTL.masked_fill(~mask, float("-inf"))
+    sink_BHT1 = sinks_H.to(scores_BHTL.dtype).view(1, -1, 1, 1).expand(*scores_BHTL.shape[:3], 1)
+    probs = torch.cat([scores_BHTL, sink_BHT1], dim=-1).softmax(dim=-1)[..., :-1]
+    return probs @ v_BHLd
 
 
 class Attention(nn.Module):
     """Grouped-query attention with optional q/k norm, biases and attention sinks."""
 
-    def __init__(self, cfg: AttentionConfig, d_model: int, norm_eps: float):
+    def __init__(self, cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None):
         super().__init__()
         assert cfg.head_dim is not None and cfg.n_kv_heads is not None
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -56,11 +85,19 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = nn.RMSNorm(q_width, eps=norm_eps), nn.RMSNorm(kv_width, eps=norm_eps)
         self.norm_eps = norm_eps
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.sinks else None
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = rope or RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.interleaved = cfg.rope_interleave
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x_BTD: Tensor, positions_T: Tensor) -> Tensor:
+    def forward(
+        self,
+        x_BTD: Tensor,
+        positions_T: Tensor,
+        cache: KVCache | None = None,
+        offset: int = 0,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """``positions_T``: ``[T]`` or ``[B, T]``; ``cache``: this layer's, new tokens stored at ``offset``."""
         b, t, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         if self.qk_norm == "full":
@@ -79,7 +116,8 @@ class Attention(nn.Module):
                 F.rms_norm(q_BHTd, (self.head_dim,), eps=self.norm_eps),
                 F.rms_norm(k_BGTd, (self.head_dim,), eps=self.norm_eps),
             )
-        out_BHTd = causal_attention(q_BHTd, k_BGTd, v_BGTd, self.scale, self.sinks)
+        k_BGLd, v_BGLd = (k_BGTd, v_BGTd) if cache is None else cache.update(k_BGTd, v_BGTd, offset)
+        out_BHTd = causal_attention(q_BHTd, k_BGLd, v_BGLd, self.scale, self.sinks, mask)
         return self.o_proj(out_BHTd.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -95,13 +133,14 @@ class LatentAttention(nn.Module):
     part is one vector shared by all heads (``kv_a_proj_with_mqa``).
     """
 
-    def __init__(self, cfg: AttentionConfig, d_model: int, norm_eps: float):
+    def __init__(self, cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None):
         super().__init__()
         h = cfg.n_heads
         self.n_heads = h
         self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         qk_dim = self.nope + self.rope_dim
+        self.q_lora = cfg.q_lora_rank is not None
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(d_model, h * qk_dim, bias=False)
         else:
@@ -112,34 +151,90 @@ class LatentAttention(nn.Module):
         self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d_model, bias=cfg.mla_bias)
-        self.rope = RotaryEmbedding(self.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = rope or RotaryEmbedding(self.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.interleaved = cfg.rope_interleave
         self.scale = 1.0 / math.sqrt(qk_dim)
         scaling = cfg.rope_scaling or {}
         if scaling.get("mscale_all_dim"):  # YaRN also sharpens the softmax (DeepSeek-V2 paper)
-            m = 0.1 * float(scaling["mscale_all_dim"]) * math.log(float(scaling["factor"])) + 1.0
-            self.scale *= m * m
+            self.scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+        # "auto": absorbed when attending to cached tokens (decode), expanded otherwise (prefill,
+        # training); "absorbed" / "expanded" force one path (tests check they agree).
+        self.path: str = "auto"
 
-    def forward(self, x_BTD: Tensor, positions_T: Tensor) -> Tensor:
+    def forward(
+        self,
+        x_BTD: Tensor,
+        positions_T: Tensor,
+        cache: LatentCache | None = None,
+        offset: int = 0,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """``positions_T``: ``[T]`` or ``[B, T]``; ``cache``: this layer's, new tokens stored at ``offset``."""
         b, t, _ = x_BTD.shape
         h = self.n_heads
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x_BTD)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BHTd = q.view(b, t, h, -1).transpose(1, 2)
-        q_nope, q_rot = q_BHTd.split([self.nope, self.rope_dim], dim=-1)
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))) if self.q_lora else self.q_proj(x_BTD)
+        q_nope, q_rot = q.view(b, t, h, -1).transpose(1, 2).split([self.nope, self.rope_dim], dim=-1)
         latent_BTC, k_rot_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent_BTC)).view(b, t, h, -1).transpose(1, 2)
-        k_nope, v_BHTd = kv.split([self.nope, self.v_dim], dim=-1)
+        latent_BTC = self.kv_a_layernorm(latent_BTC)
         cos, sin = self.rope(positions_T)
         q_rot = apply_rope(q_rot, cos, sin, self.interleaved)
-        k_rot_B1TR = apply_rope(k_rot_BTR.unsqueeze(1), cos, sin, self.interleaved)
+        k_rot_BTR = apply_rope(k_rot_BTR.unsqueeze(1), cos, sin, self.interleaved).squeeze(1)
+        if cache is not None:  # the compressed cache: latent and roped key rows of all L tokens
+            kv_BLX = cache.update(latent_BTC, k_rot_BTR, offset)
+            latent_BLC, k_rot_BLR = kv_BLX.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        else:
+            kv_BLX, latent_BLC, k_rot_BLR = None, latent_BTC, k_rot_BTR
+        absorbed = self.path == "absorbed" or (self.path == "auto" and offset > 0)
+        if absorbed:
+            out_BHTv = self._absorbed(q_nope, q_rot, latent_BLC, k_rot_BLR, kv_BLX, mask)
+        else:
+            out_BHTv = self._expanded(q_nope, q_rot, latent_BLC, k_rot_BLR, mask)
+        return self.o_proj(out_BHTv.transpose(1, 2).reshape(b, t, -1))
+
+    def _expanded(self, q_nope: Tensor, q_rot: Tensor, latent_BLC: Tensor, k_rot_BLR: Tensor, mask: Tensor | None):
+        """Up-project the latent into every head's key and value, then attend (H heads of width nope + R)."""
+        b, n, h = latent_BLC.shape[0], latent_BLC.shape[1], self.n_heads
+        kv = self.kv_b_proj(latent_BLC).view(b, n, h, -1).transpose(1, 2)
+        k_nope, v_BHLv = kv.split([self.nope, self.v_dim], dim=-1)
         q_BHTd = torch.cat([q_nope, q_rot], dim=-1)
-        k_BHTd = torch.cat([k_nope, k_rot_B1TR.expand(b, h, t, self.rope_dim)], dim=-1)
-        out_BHTd = causal_attention(q_BHTd, k_BHTd, v_BHTd, self.scale, None)
-        return self.o_proj(out_BHTd.transpose(1, 2).reshape(b, t, -1))
+        k_BHLd = torch.cat([k_nope, k_rot_BLR.unsqueeze(1).expand(b, h, n, self.rope_dim)], dim=-1)
+        return causal_attention(q_BHTd, k_BHLd, v_BHLv, self.scale, None, mask)
+
+    def _absorbed(
+        self,
+        q_nope: Tensor,
+        q_rot: Tensor,
+        latent_BLC: Tensor,
+        k_rot_BLR: Tensor,
+        kv_BLX: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """Attend over the latent itself: one key/value head of width C + R shared by all heads.
+
+        ``q_nope · (W_UK c)`` = ``(W_UK^T q_nope) · c``, so W_UK is folded into the query; the
+        output is a mix of latents, mapped to each head's value by W_UV after attention.
+        """
+        # NOTE: decode cost per token is O(L (C + R)) per head, not O(L · H · (nope + v)) for
+        # re-expanding every cached latent; the expanded path stays for prefill (T ~ L).
+        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope, self.v_dim], dim=1)
+        q_lat_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk_HNC)
+        q_BHTX = torch.cat([q_lat_BHTC, q_rot], dim=-1)
+        k_B1LX = (kv_BLX if kv_BLX is not None else torch.cat([latent_BLC, k_rot_BLR], dim=-1)).unsqueeze(1)
+        out_BHTC = causal_attention(q_BHTX, k_B1LX, latent_BLC.unsqueeze(1), self.scale, None, mask)
+        return torch.einsum("bhtc,hvc->bhtv", out_BHTC, w_uv_HVC)
 
 
-def build_attention(cfg: AttentionConfig, d_model: int, norm_eps: float) -> nn.Module:
-    return LatentAttention(cfg, d_model, norm_eps) if cfg.kind == "mla" else Attention(cfg, d_model, norm_eps)
+def build_attention(
+    cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None
+) -> nn.Module:
+    """``rope``: a rotary table shared with other layers (one per model); None builds one."""
+    cls = LatentAttention if cfg.kind == "mla" else Attention
+    return cls(cfg, d_model, norm_eps, rope)
+
+
+def rotary_for(cfg: AttentionConfig, max_positions: int | None = None) -> RotaryEmbedding:
+    """The rotary embedding every layer of a model with this attention config uses."""
+    dim = cfg.qk_rope_head_dim if cfg.kind == "mla" else cfg.head_dim
+    assert dim is not None
+    return RotaryEmbedding(dim, cfg.rope_theta, cfg.rope_scaling, max_positions)

@@ -53,11 +53,15 @@ class MoE(nn.Module):
             self.experts.impl = name
         self._impl = name
 
-    def forward(self, x_BTD: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, Routing]:
-        """``token_ids`` (shaped like ``x`` without D) are read by hash routing only."""
+    def forward(
+        self, x_BTD: Tensor, token_ids: Tensor | None = None, token_mask: Tensor | None = None
+    ) -> tuple[Tensor, Routing]:
+        """``token_ids`` (shaped like ``x`` without D) are read by hash routing only; ``token_mask``
+        (same shape, False at padding) keeps padding out of the routed experts and their counts."""
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
-        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        mask_T = None if token_mask is None else token_mask.reshape(-1)
+        routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1), mask_T)
         routing.n_seqs = shape[0] if x_BTD.dim() == 3 else 1  # for the sequence-wise balance loss
         if self._impl == "reference":
             y_TD = reference_routed(self.experts, x_TD, routing)

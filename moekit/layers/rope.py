@@ -1,6 +1,7 @@
 """Rotary position embedding (RoPE, Su et al. 2021) in the "rotate half" layout of HF checkpoints.
 
-Shapes: T positions, R rotary width (head_dim, or qk_rope_head_dim for latent attention).
+Shapes: B batch, T positions, S table length, R rotary width (head_dim, or qk_rope_head_dim for latent
+attention).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor, nn
 from moekit.config import ConfigError
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature factor ``0.1 * mscale * ln(scale) + 1`` (1 when not scaled)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -24,7 +26,7 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
     Supports no scaling, "linear", "llama3" (Llama 3/4: low frequencies divided by ``factor``,
     high ones kept, a smooth ramp between) and "yarn" (DeepSeek-V3, gpt-oss; Peng et al. 2023).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if scaling is None or kind == "default":
         return inv_freq.float(), 1.0
@@ -51,32 +53,58 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
         high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
         extrapolation = 1 - ramp
         inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
         attention_factor = scaling.get("attention_factor")
         if attention_factor is None:
             mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
             if mscale and mscale_all:
-                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+                attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
             else:
-                attention_factor = _yarn_mscale(factor)
+                attention_factor = yarn_mscale(factor)
         return inv_freq.float(), float(attention_factor)
     raise ConfigError(f"attention.rope_scaling type {kind!r} is not supported (expected linear, llama3 or yarn)")
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes cos/sin tables ``[T, R]`` for given positions (no state: cheap and meta-safe)."""
+    """cos/sin tables for given positions, looked up in a table computed once per device.
 
-    def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None):
+    ``positions`` is ``[T]`` (every sequence at the same positions) giving ``[T, R]`` tables, or
+    ``[B, T]`` (left-padded batches: each row counts its own real tokens) giving ``[B, 1, T, R]``,
+    which broadcasts over heads. The table covers ``max_positions`` (or, when None, grows to the
+    largest position seen). It is a plain attribute, not a buffer: it is not part of the state
+    dict, costs nothing on the meta device and is rebuilt on first use on another device.
+    """
+
+    def __init__(self, dim: int, theta: float, scaling: dict[str, Any] | None = None, max_positions: int | None = None):
         super().__init__()
-        self.dim, self.theta, self.scaling = dim, theta, scaling
-        _, self.attention_factor = rope_frequencies(dim, theta, scaling)
+        self.dim, self.theta, self.scaling, self.max_positions = dim, theta, scaling, max_positions
+        self.inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
+        self._table: tuple[Tensor, Tensor] | None = None  # cos_SR, sin_SR
+        self._memo: tuple[Tensor, tuple[Tensor, Tensor]] | None = None
 
-    def forward(self, positions_T: Tensor) -> tuple[Tensor, Tensor]:
-        inv_freq, factor = rope_frequencies(self.dim, self.theta, self.scaling)
-        angles_TR = torch.outer(positions_T.float(), inv_freq.to(positions_T.device)).repeat(1, 2)
-        return angles_TR.cos() * factor, angles_TR.sin() * factor
+    def table(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[S, R]`` for positions ``0 .. S-1``, ``S >= n``."""
+        if self._table is None or self._table[0].device != device or self._table[0].shape[0] < n:
+            size = max(n, self.max_positions or 0)
+            # Same arithmetic as computing each call (fp32 product, then cos/sin), so the lookup is exact.
+            angles_SR = torch.outer(torch.arange(size, device=device).float(), self.inv_freq.to(device)).repeat(1, 2)
+            self._table = (angles_SR.cos() * self.attention_factor, angles_SR.sin() * self.attention_factor)
+        return self._table
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        # NOTE: every layer of a model shares one RotaryEmbedding and receives the same positions
+        # tensor in a forward pass, so the lookup is done once per pass, not once per layer.
+        if self._memo is not None and self._memo[0] is positions:
+            return self._memo[1]
+        n = self.max_positions if self.max_positions is not None else int(positions.max()) + 1
+        cos_SR, sin_SR = self.table(n, positions.device)
+        cos, sin = cos_SR[positions], sin_SR[positions]
+        if positions.dim() == 2:  # [B, T, R] -> [B, 1, T, R]
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        self._memo = (positions, (cos, sin))
+        return cos, sin
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -30,6 +30,8 @@ the token only keeps its residual (and shared experts) for that slot. ``None`` i
 Shapes: T tokens, D width, E routed experts, K slots per token (K = E for expert choice; slot j
 holds expert j and ``keep_TK`` says whether that expert took the token), G expert groups, V vocab.
 Scores are computed in fp32 whatever the model dtype (router precision matters for stability).
+A ``token_mask_T`` (False at padding, e.g. left-padded generation batches) gives padding tokens no
+chosen or kept slot: they are not counted, take no capacity and are not picked by expert choice.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ class Router(nn.Module):
         if self.hash_table is not None:
             self.hash_table.copy_(hash_table(self.vocab_size, self.n_experts, self.top_k, self.cfg.hash_seed))
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None, token_mask_T: Tensor | None = None) -> Routing:
         cfg = self.cfg
         if cfg.router == "hash":
             if token_ids_T is None:
@@ -205,7 +207,7 @@ class Router(nn.Module):
             assert self.hash_table is not None
             idx_TK = self.hash_table[token_ids_T.reshape(-1)]
             weights_TK = torch.full(idx_TK.shape, 1.0 / self.top_k, device=idx_TK.device)
-            return self._token_choice(None, None, idx_TK, weights_TK)
+            return self._token_choice(None, None, idx_TK, weights_TK, token_mask_T)
         assert self.gate is not None
         bias = None if self.gate.bias is None else self.gate.bias.float()
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float(), bias)
@@ -218,8 +220,13 @@ class Router(nn.Module):
             scores_TE = logits_TE.sigmoid()
         if cfg.router == "expert_choice":
             cf = cfg.capacity_factor if cfg.capacity_factor is not None else cfg.top_k
-            capacity = expert_capacity(x_TD.shape[0], self.n_experts, cf)
-            idx_TE, weights_TE, keep_TE = expert_choice_route(scores_TE, capacity, cfg.routed_scaling_factor)
+            n_real = x_TD.shape[0] if token_mask_T is None else int(token_mask_T.sum())
+            capacity = expert_capacity(n_real, self.n_experts, cf)
+            pick_TE = scores_TE if token_mask_T is None else scores_TE.masked_fill(~token_mask_T[:, None], -1.0)
+            idx_TE, weights_TE, keep_TE = expert_choice_route(pick_TE, capacity, cfg.routed_scaling_factor)
+            if token_mask_T is not None:  # scores are >= 0, so padding is picked only past the real tokens
+                keep_TE = keep_TE & token_mask_T[:, None]
+                weights_TE = weights_TE * keep_TE
             counts_E = keep_TE.sum(dim=0)
             return Routing(logits_TE, scores_TE, idx_TE, weights_TE, counts_E, keep_TE, keep_TE, capacity)
         idx_TK, weights_TK = topk_route(
@@ -232,18 +239,34 @@ class Router(nn.Module):
             topk_group=cfg.topk_group,
             group_score=cfg.group_score,
         )
-        return self._token_choice(logits_TE, scores_TE, idx_TK, weights_TK)
+        return self._token_choice(logits_TE, scores_TE, idx_TK, weights_TK, token_mask_T)
 
     def _token_choice(
-        self, logits_TE: Tensor | None, scores_TE: Tensor | None, idx_TK: Tensor, weights_TK: Tensor
+        self,
+        logits_TE: Tensor | None,
+        scores_TE: Tensor | None,
+        idx_TK: Tensor,
+        weights_TK: Tensor,
+        token_mask_T: Tensor | None = None,
     ) -> Routing:
         """Apply the capacity limit, if any, and count each expert's kept assignments."""
+        real_TK = None if token_mask_T is None else token_mask_T[:, None].expand_as(idx_TK)
         if self.cfg.capacity_factor is None:
-            counts_E = torch.bincount(idx_TK.reshape(-1), minlength=self.n_experts)
-            return Routing(logits_TE, scores_TE, idx_TK, weights_TK, counts_E)
-        capacity = token_capacity(idx_TK.shape[0], self.top_k, self.n_experts, self.cfg.capacity_factor)
-        keep_TK = capacity_keep(idx_TK, self.n_experts, capacity)
+            if real_TK is None:
+                counts_E = torch.bincount(idx_TK.reshape(-1), minlength=self.n_experts)
+                return Routing(logits_TE, scores_TE, idx_TK, weights_TK, counts_E)
+            counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=idx_TK.device)
+            counts_E.scatter_add_(0, idx_TK.reshape(-1), real_TK.reshape(-1).long())
+            return Routing(logits_TE, scores_TE, idx_TK, weights_TK * real_TK, counts_E, real_TK, real_TK)
+        if real_TK is None:
+            capacity = token_capacity(idx_TK.shape[0], self.top_k, self.n_experts, self.cfg.capacity_factor)
+            keep_TK = capacity_keep(idx_TK, self.n_experts, capacity)
+        else:  # padding goes to a dummy expert E, so it takes no real expert's places
+            n_real = int(token_mask_T.sum())
+            capacity = token_capacity(n_real, self.top_k, self.n_experts, self.cfg.capacity_factor)
+            keep_TK = capacity_keep(idx_TK.masked_fill(~real_TK, self.n_experts), self.n_experts + 1, capacity)
+            keep_TK = keep_TK & real_TK
         weights_TK = weights_TK * keep_TK
         counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=idx_TK.device)
         counts_E.scatter_add_(0, idx_TK.reshape(-1), keep_TK.reshape(-1).long())  # no host sync
-        return Routing(logits_TE, scores_TE, idx_TK, weights_TK, counts_E, keep_TK, None, capacity)
+        return Routing(logits_TE, scores_TE, idx_TK, weights_TK, counts_E, keep_TK, real_TK, capacity)

@@ -1,7 +1,9 @@
 """The decoder-only causal LM, built only from ``moekit.layers``.
 
 embed -> [RMSNorm -> attention -> + -> RMSNorm -> dense FFN or MoE -> +] x L -> norm -> head.
-Shapes: B batch, T tokens, D width, V vocabulary.
+A forward pass can extend a ``ModelCache`` (incremental decoding) and take an attention mask that
+marks padding (left-padded batches); generation itself lives in ``moekit.models.generation``.
+Shapes: B batch, T tokens, D width, V vocabulary, L filled cache slots.
 """
 
 from __future__ import annotations
@@ -15,13 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import ModelConfig
-from moekit.layers.attention import build_attention
+from moekit.config import ConfigError, ModelConfig
+from moekit.layers.attention import build_attention, rotary_for
 from moekit.layers.experts import Experts
+from moekit.layers.kv_cache import ModelCache, padded_causal_mask
 from moekit.layers.mlp import FeedForward
 from moekit.layers.moe import MoE
 from moekit.layers.norm import build_norm
+from moekit.layers.rope import RotaryEmbedding
 from moekit.layers.router import NonCausalRoutingWarning, Router, Routing
+
+
+class ContextLengthError(ConfigError):
+    """A sequence (prompt plus new tokens) is longer than the model's ``max_seq_len``."""
 
 
 @dataclass
@@ -35,11 +43,11 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, rope: RotaryEmbedding | None = None):
         super().__init__()
         self.layer_id = layer_id
         self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = build_attention(cfg.attention, cfg.d_model, cfg.norm_eps)
+        self.attn = build_attention(cfg.attention, cfg.d_model, cfg.norm_eps, rope)
         self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         if self.is_moe:
@@ -49,13 +57,22 @@ class Block(nn.Module):
             self.ffn = FeedForward(cfg.d_model, cfg.dense_ffn_dim)
 
     def forward(
-        self, x_BTD: Tensor, positions_T: Tensor, token_ids_BT: Tensor | None = None
+        self,
+        x_BTD: Tensor,
+        positions_T: Tensor,
+        token_ids_BT: Tensor | None = None,
+        cache: ModelCache | None = None,
+        mask: Tensor | None = None,
+        token_mask_BT: Tensor | None = None,
     ) -> tuple[Tensor, Routing | None]:
-        """``token_ids_BT`` (the input ids) reach the router for hash routing."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T)
+        """``token_ids_BT`` (the input ids) reach the router for hash routing; ``token_mask_BT``
+        (False at padding) keeps padding out of the router's counts and capacity."""
+        layer_cache = None if cache is None else cache.layers[self.layer_id]
+        offset = 0 if cache is None else cache.length
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T, layer_cache, offset, mask)
         h_BTD = self.ffn_norm(x_BTD)
         if self.is_moe:
-            y_BTD, routing = self.ffn(h_BTD, token_ids_BT)
+            y_BTD, routing = self.ffn(h_BTD, token_ids_BT, token_mask_BT)
             return x_BTD + y_BTD, routing
         return x_BTD + self.ffn(h_BTD), None
 
@@ -74,11 +91,17 @@ class MoETransformer(nn.Module):
                 stacklevel=2,
             )
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # One rotary table for all layers (no parameters, not in the state dict).
+        rope = rotary_for(cfg.attention, cfg.max_seq_len)
+        self.layers = nn.ModuleList(Block(cfg, i, rope) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Set by ``from_pretrained`` from the folder: a ``moekit.tokenizer.Tokenizer`` and a
+        # ``moekit.models.generation.GenerationConfig`` (generate's defaults), or None.
+        self.tokenizer: Any = None
+        self.generation_config: Any = None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -106,19 +129,48 @@ class MoETransformer(nn.Module):
             if block.is_moe:
                 block.ffn.impl = impl
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
-        """``labels`` follow transformers: same shape as ``input_ids``, shifted inside, -100 ignored."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        *,
+        cache: ModelCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> ModelOutput:
+        """``labels`` follow transformers: same shape as ``input_ids``, shifted inside, -100 ignored.
+
+        ``cache`` (from ``new_cache``): the tokens extend it and attend to what it holds.
+        ``attention_mask`` ``[B, T]``: 1 at real tokens, 0 at padding of ``input_ids`` (the new
+        tokens only; the cache remembers earlier ones). Padding takes no rotary position, is never
+        attended to, and is not counted or given capacity by the routers.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         t = input_ids.shape[1]
-        positions_T = torch.arange(t, device=input_ids.device)
+        past = 0 if cache is None else cache.length
+        if past + t > self.config.max_seq_len:
+            raise ContextLengthError(
+                f"{past + t} tokens exceed the model's context (max_seq_len {self.config.max_seq_len})"
+            )
+        token_mask_BT = None if attention_mask is None else attention_mask.bool()
+        if cache is not None:
+            positions, mask = cache.append(token_mask_BT, t)
+            if not cache.padded:
+                token_mask_BT = None
+        elif token_mask_BT is not None:
+            positions = (token_mask_BT.long().cumsum(dim=1) - 1).clamp_min(0)
+            mask = padded_causal_mask(token_mask_BT, t)
+        else:
+            positions, mask = torch.arange(t, device=input_ids.device), None
         x_BTD = self.embed(input_ids)
         routings, moe_ids = [], []
         for block in self.layers:
-            x_BTD, routing = block(x_BTD, positions_T, input_ids)
+            x_BTD, routing = block(x_BTD, positions, input_ids, cache, mask, token_mask_BT)
             if routing is not None:
                 routings.append(routing)
                 moe_ids.append(block.layer_id)
+        if cache is not None:
+            cache.advance(t)
         logits_BTV = self.lm_head(self.norm(x_BTD))
         loss = None
         if labels is not None:
@@ -138,21 +190,14 @@ class MoETransformer(nn.Module):
 
         return save_pretrained(self, path, format, **kwargs)
 
-    @torch.no_grad()
-    def generate(
-        self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None
-    ) -> Tensor:
-        """Greedy (temperature 0) or sampled continuation; recomputes the prefix each step."""
-        ids = input_ids
-        for _ in range(max_new_tokens):
-            logits_BV = self(ids[:, -self.config.max_seq_len :]).logits[:, -1].float()
-            if temperature <= 0:
-                nxt = logits_BV.argmax(dim=-1, keepdim=True)
-            else:
-                logits_BV = logits_BV / temperature
-                if top_k is not None:
-                    kth = logits_BV.topk(min(top_k, logits_BV.shape[-1])).values[:, -1:]
-                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-                nxt = torch.multinomial(logits_BV.softmax(dim=-1), 1)
-            ids = torch.cat([ids, nxt], dim=1)
-        return ids
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> ModelCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (default: the
+        context), in the model's dtype and on its device."""
+        p = self.embed.weight
+        return ModelCache(self.config, batch, max_len or self.config.max_seq_len, dtype or p.dtype, p.device)
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int | None = None, **kwargs: Any) -> Tensor:
+        """Continue ``input_ids`` with a KV cache; see ``moekit.models.generation.generate``."""
+        from moekit.models.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

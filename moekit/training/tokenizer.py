@@ -1,5 +1,6 @@
-"""Tokenizers (byte-level BPE trained with Hugging Face ``tokenizers``, or raw bytes) and the
-on-disk cache of trained tokenizers and tokenised corpora.
+"""Tokenizers for training (byte-level BPE trained with Hugging Face ``tokenizers``, or raw bytes;
+both follow ``moekit.tokenizer.Tokenizer``) and the on-disk cache of trained tokenizers and
+tokenised corpora.
 
 Cache layout (``$MOEKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/moekit``, else ``~/.cache/moekit``)::
 
@@ -19,54 +20,19 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from moekit.config import ConfigError
+from moekit.tokenizer import EOT, ByteTokenizer, TextTokenizer, Tokenizer
 from moekit.training.data import Corpus, Document
 
-EOT = "<|endoftext|>"
 
-
-class Tokenizer(Protocol):
-    kind: str
-    vocab_size: int
-    eot_id: int  # separates documents in the token stream
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def to_str(self) -> str: ...  # the tokenizer's identity (BPE: its tokenizer.json text)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids (vocabulary 256); NUL, which text files never contain, separates documents."""
-
-    kind = "byte"
-    vocab_size = 256
-    eot_id = 0
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(t.encode("utf-8")) for t in texts]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
-
-    def to_str(self) -> str:
-        return "byte"  # identifies it in cache keys; nothing to save
-
-
-class BPETokenizer:
-    """Byte-level BPE (GPT-2 style pre-tokenisation) with one special token, ``<|endoftext|>`` = 0."""
+class BPETokenizer(TextTokenizer):
+    """Byte-level BPE (GPT-2 style pre-tokenisation) with one special token, ``<|endoftext|>`` = 0,
+    which separates documents in training and ends generation."""
 
     kind = "bpe"
-
-    def __init__(self, tok):  # tok: tokenizers.Tokenizer
-        self.tok = tok
-        self.vocab_size = tok.get_vocab_size()
-        self.eot_id = tok.token_to_id(EOT)
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
@@ -94,15 +60,6 @@ class BPETokenizer:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_str(text))
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
-
-    def to_str(self) -> str:
-        return self.tok.to_str()
 
 
 def cache_root() -> Path:

@@ -410,3 +410,34 @@ def test_default_router_unchanged_from_the_plain_formula():
     assert torch.equal(r.idx_TK, idx)
     assert torch.equal(r.weights_TK, w / (w.sum(-1, keepdim=True) + 1e-20))
     assert r.keep_TK is None and r.chosen_TK is None
+
+
+@FAST
+@given(shapes(), st.sampled_from(["topk_capacity", "expert_choice", "hash", "topk"]), st.data())
+def test_masked_padding_routes_like_removed_padding(shape, rule, data):
+    """A token mask (False at padding) routes the real tokens exactly as if the padding were not
+    there: same experts, weights, kept slots and counts; padding gets no slot at all."""
+    t, d, e, k, seed = shape
+    cfg = {
+        "topk_capacity": dict(capacity_factor=1.0),
+        "expert_choice": dict(router="expert_choice", capacity_factor=1.5),
+        "hash": dict(router="hash"),
+        "topk": {},
+    }[rule]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonCausalRoutingWarning)
+        router, x = make_router(t, d, e, k, seed, vocab_size=50, **cfg)
+    mask_T = torch.tensor(data.draw(st.lists(st.booleans(), min_size=t, max_size=t)))
+    if not mask_T.any():
+        mask_T[0] = True
+    ids_T = torch.randint(0, 50, (t,), generator=torch.Generator().manual_seed(seed))
+    masked = router(x, ids_T, mask_T)
+    alone = router(x[mask_T], ids_T[mask_T])
+    keep = masked.keep_TK if masked.keep_TK is not None else torch.ones_like(masked.idx_TK, dtype=torch.bool)
+    keep_alone = alone.keep_TK if alone.keep_TK is not None else torch.ones_like(alone.idx_TK, dtype=torch.bool)
+    assert not keep[~mask_T].any() and (masked.weights_TK[~mask_T] == 0).all()
+    assert torch.equal(masked.counts_E, alone.counts_E)
+    assert torch.equal(keep[mask_T], keep_alone)
+    assert torch.equal(masked.idx_TK[mask_T][keep[mask_T]], alone.idx_TK[keep_alone])
+    torch.testing.assert_close(masked.weights_TK[mask_T], alone.weights_TK)
+    assert masked.capacity == alone.capacity

@@ -95,4 +95,4 @@ def test_a_checkpoint_folder_is_a_moekit_checkpoint_folder(tmp_path, tiny_model)
     loaded = from_pretrained(path)
     ids = torch.randint(0, 256, (2, 12))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
-    assert loaded.tokenizer.encode("return x").ids == tok.encode_batch(["return x"])[0]
+    assert loaded.tokenizer.encode("return x") == tok.encode_batch(["return x"])[0]
