@@ -79,14 +79,16 @@ class Distributed:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.backend = backend
         self.layout = Layout.for_world(self.world_size, ep, etp)  # checked against the model in setup
-        self.started = False
+        self.started = self.owns_group = False
         if self.world_size > 1:
             threads = os.environ.get("MOEKIT_THREADS")
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(int(threads) if threads else max(1, cores // self.local_world))
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+            self.owns_group = not dist.is_initialized()  # else a caller (a test, a program) started it
+            if self.owns_group:
+                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
             self.started = True
 
     @property
@@ -111,7 +113,7 @@ class Distributed:
         return "".join(f" --{k} {v}" for k, v in (("ep", self.ep), ("etp", self.etp)) if v is not None)
 
     def close(self) -> None:
-        if self.started and dist.is_initialized():
+        if self.started and self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.started = False
 
