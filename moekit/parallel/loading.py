@@ -114,19 +114,26 @@ def _nbytes(t: Tensor) -> int:
 
 
 class _Reader:
-    """Reads pieces (or slices of them) from the checkpoint's files, counting bytes."""
+    """Reads pieces (or slices of them) from the checkpoint's files, counting bytes.
 
-    def __init__(self, ckpt: Checkpoint, stack: ExitStack):
-        self.headers, self.stack = ckpt.headers, stack
-        self.files: dict[Path, Any] = {}
+    NOTE: safetensors memory-maps a file while it is open, and every page a slice touches stays
+    resident until it is closed (a column slice of ``w2 [D, F]`` touches every row's pages), so
+    ``release`` closes the files after each state-dict key: the touched pages of one key at most
+    add to the rank's peak, not those of the whole checkpoint.
+    """
+
+    def __init__(self, ckpt: Checkpoint):
+        self.headers = ckpt.headers
+        self.files = ExitStack()
+        self.open: dict[Path, Any] = {}
         self.bytes_read = 0
 
     def read(self, piece: Piece, sub: tuple = ()) -> Tensor:
         path, meta = self.headers[piece.name]
         try:
-            if path not in self.files:
-                self.files[path] = self.stack.enter_context(safe_open(path, framework="pt"))
-            f = self.files[path]
+            if path not in self.open:
+                self.open[path] = self.files.enter_context(safe_open(path, framework="pt"))
+            f = self.open[path]
             if not piece.index and not sub:
                 t = f.get_tensor(piece.name)
             else:
@@ -135,6 +142,10 @@ class _Reader:
             raise CheckpointError(f"cannot read tensor {piece.name!r} from {path}: {e}") from None
         self.bytes_read += _nbytes(t)
         return t
+
+    def release(self) -> None:
+        self.files.close()
+        self.files, self.open = ExitStack(), {}
 
 
 def _expert_index(name: str, shard, per_expert: bool) -> tuple:
@@ -155,8 +166,8 @@ def _read_local(ckpt: Checkpoint, model: MoETransformer, dtype: torch.dtype) -> 
     buffers = {name for name, _ in model.named_buffers()}
     sd: dict[str, Tensor] = {}
     expert_bytes = 0
-    with ExitStack() as stack:
-        reader = _Reader(ckpt, stack)
+    reader = _Reader(ckpt)
+    try:
         for key, src in ckpt.sources.items():
             if key == "lm_head.weight" and ckpt.config.tie_embeddings:
                 continue  # the embedding, read once
@@ -178,7 +189,10 @@ def _read_local(ckpt: Checkpoint, model: MoETransformer, dtype: torch.dtype) -> 
                     out[i].copy_(reader.read(src[e], _expert_index(name, shard, per_expert=True)))
                 sd[key] = out
             expert_bytes += reader.bytes_read - before
-        total = reader.bytes_read
+            reader.release()
+    finally:
+        reader.release()
+    total = reader.bytes_read
     if ckpt.config.tie_embeddings:
         sd["lm_head.weight"] = sd["embed.weight"]
     return sd, expert_bytes, total
