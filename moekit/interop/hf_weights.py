@@ -10,6 +10,9 @@ Loading also accepts the fused layout transformers 5 uses in memory
 ``save_pretrained`` of transformers 5.23 writes the hub layout for all five supported types.
 
 Everything here works on meta tensors too, which is how shapes are checked without reading data.
+``hf_sources`` says where each moekit tensor comes from (a ``Piece``: a checkpoint tensor and an
+index into it, or one piece per expert), so one process can read everything and stack, and a
+rank of a sharded model can read only the slices of the pieces it holds.
 Shapes: E experts, F expert width, D model width.
 """
 
