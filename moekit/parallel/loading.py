@@ -163,7 +163,6 @@ def _read_local(ckpt: Checkpoint, model: MoETransformer, dtype: torch.dtype) -> 
     """This rank's state dict (its expert slices, everything else whole), the expert bytes and
     all bytes read."""
     experts = {f"{prefix}.{name}": (name, ex.shard) for prefix, ex in expert_shards(model) for name in F_AXIS}
-    buffers = {name for name, _ in model.named_buffers()}
     sd: dict[str, Tensor] = {}
     expert_bytes = 0
     reader = _Reader(ckpt)
@@ -182,7 +181,7 @@ def _read_local(ckpt: Checkpoint, model: MoETransformer, dtype: torch.dtype) -> 
             else:  # one piece per expert: fill the local stack expert by expert (one slice in flight)
                 ids = range(shard.experts.start, shard.experts.stop)
                 first = reader.read(src[ids[0]], _expert_index(name, shard, per_expert=True))
-                out = torch.empty((len(ids), *first.shape), dtype=torch.float32 if key in buffers else dtype)
+                out = torch.empty((len(ids), *first.shape), dtype=dtype)  # cast as it is filled
                 out[0].copy_(first)
                 del first
                 for i, e in enumerate(ids[1:], start=1):
@@ -238,9 +237,9 @@ def load_sharded(
     with torch.device("meta"):
         model = MoETransformer(cfg)
     parallelize(model, layout, groups)  # on meta: the expert shapes become this rank's slices
-    dtype_ = target or ckpt.dtype
-    sd, expert_bytes, total = together(lambda: _read_local(ckpt, model, dtype_))
-    model = _assemble(cfg, sd, dtype_, model)
+    load_dtype = target or ckpt.dtype
+    sd, expert_bytes, total = together(lambda: _read_local(ckpt, model, load_dtype))
+    model = _assemble(cfg, sd, load_dtype, model)  # buffers (a selection bias) stay fp32
     model.to(device)
     ckpt_bytes, ckpt_expert_bytes = _checkpoint_bytes(ckpt)
     model.load_report = LoadReport(total, expert_bytes, ckpt_bytes, ckpt_expert_bytes, time.perf_counter() - t0)
