@@ -225,9 +225,9 @@ def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor],
     for k, want in expected.items():
         got = tensors[k]
         if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(f"tensor {k!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            raise CheckpointError(f"{what}: tensor {k!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
         if not got.is_floating_point():
-            raise CheckpointError(f"tensor {k!r} has dtype {got.dtype}, expected a floating-point tensor")
+            raise CheckpointError(f"{what}: tensor {k!r} has dtype {got.dtype}, expected a floating-point tensor")
 
 
 def hf_sources(
