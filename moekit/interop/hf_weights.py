@@ -10,6 +10,9 @@ Loading also accepts the fused layout transformers 5 uses in memory
 ``save_pretrained`` of transformers 5.23 writes the hub layout for all five supported types.
 
 Everything here works on meta tensors too, which is how shapes are checked without reading data.
+``hf_sources`` says where each moekit tensor comes from (a ``Piece``: a checkpoint tensor and an
+index into it, or one piece per expert), so one process can read everything and stack, and a
+rank of a sharded model can read only the slices of the pieces it holds.
 Shapes: E experts, F expert width, D model width.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -124,42 +128,63 @@ def expected_hf_tensors(cfg: ModelConfig, model_type: str) -> dict[str, Tensor]:
     return to_hf_state_dict(meta_state_dict(cfg), cfg, model_type)
 
 
-def _to_hub_layout(
-    tensors: dict[str, Tensor], expected: Mapping[str, Tensor], cfg: ModelConfig, lay: HFLayout
-) -> dict[str, Tensor]:
-    """Rewrite transformers 5's in-memory layout as hub names (views, no copies).
+@dataclass(frozen=True)
+class Piece:
+    """Where one tensor comes from: ``tensors[name][index]`` of a checkpoint (``index`` picks one
+    expert of a fused tensor, and gate or up rows of ``gate_up_proj``; empty: the whole tensor).
+
+    Loading in one process reads whole tensors and indexes them; sharded loading
+    (``moekit.parallel.loading``) reads only the slice of a piece it holds."""
+
+    name: str
+    index: tuple[int | slice, ...] = ()
+
+
+# A moekit state-dict key's source: one piece, or (stacked routed experts) one piece per expert.
+Source = Piece | list[Piece]
+
+
+def _hub_pieces(
+    tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], cfg: ModelConfig, lay: HFLayout
+) -> dict[str, Piece]:
+    """Hub name -> where the checkpoint holds it, reading transformers 5's in-memory layout too.
 
     transformers 5 names Mixtral's sparse block ``mlp`` (not ``block_sparse_moe``) and fuses
     experts into ``experts.gate_up_proj [E, 2F, D]`` (gate rows, then up rows) and
     ``experts.down_proj [E, D, F]``; a raw ``state_dict()`` of such a model has those names.
     """
-    out: dict[str, Tensor] = {}
+    out: dict[str, Piece] = {}
     alias = re.compile(r"model\.layers\.(\d+)\.mlp\.")
-    for name, t in tensors.items():
+    fused = re.compile(rf"model\.layers\.(\d+)\.{lay.moe}\.experts\.(gate_up_proj|down_proj)")
+    for source, t in tensors.items():
+        name = source
         m = alias.match(name)
         if m is not None and lay.moe != "mlp" and cfg.is_moe_layer(int(m.group(1))):
             name = f"model.layers.{m.group(1)}.{lay.moe}.{name[m.end() :]}"
-        out[name] = t
-    fused = re.compile(rf"model\.layers\.(\d+)\.{lay.moe}\.experts\.(gate_up_proj|down_proj)")
-    for name, t in list(out.items()):
         m = fused.fullmatch(name)
         if m is None:
+            out[name] = Piece(source)
             continue
         layer = int(m.group(1))
         names = expert_names(layer, cfg.moe.n_routed_experts if cfg.moe else 0, lay)
         if not names or names[0][0] not in expected:
-            raise CheckpointError(f"unexpected tensor {name!r}: layer {layer} has no routed experts")
+            raise CheckpointError(f"unexpected tensor {source!r}: layer {layer} has no routed experts")
         f, d = expected[names[0][0]].shape
         want = (len(names), 2 * f, d) if m.group(2) == "gate_up_proj" else (len(names), d, f)
         if tuple(t.shape) != want:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
-        del out[name]
-        for (gate, up, down), t_e in zip(names, t.unbind(0), strict=True):
+            raise CheckpointError(f"tensor {source!r} has shape {tuple(t.shape)}, expected {want}")
+        for j, (gate, up, down) in enumerate(names):
             if m.group(2) == "gate_up_proj":
-                out[gate], out[up] = t_e[:f], t_e[f:]
+                out[gate], out[up] = Piece(source, (j, slice(0, f))), Piece(source, (j, slice(f, 2 * f)))
             else:
-                out[down] = t_e
+                out[down] = Piece(source, (j,))
     return out
+
+
+def resolve(tensors: Mapping[str, Tensor], piece: Piece) -> Tensor:
+    """The tensor a piece names (a view when it indexes)."""
+    t = tensors[piece.name]
+    return t[piece.index] if piece.index else t
 
 
 def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str = "checkpoint") -> None:
@@ -176,19 +201,20 @@ def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor],
     for k, want in expected.items():
         got = tensors[k]
         if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(f"tensor {k!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            raise CheckpointError(f"{what}: tensor {k!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
         if not got.is_floating_point():
-            raise CheckpointError(f"tensor {k!r} has dtype {got.dtype}, expected a floating-point tensor")
+            raise CheckpointError(f"{what}: tensor {k!r} has dtype {got.dtype}, expected a floating-point tensor")
 
 
-def from_hf_state_dict(
+def hf_sources(
     tensors: Mapping[str, Tensor],
     cfg: ModelConfig,
     model_type: str,
     ignore: Callable[[str], bool] | None = None,
     what: str = "checkpoint",
-) -> dict[str, Tensor]:
-    """HF tensors (hub or fused layout) -> a complete moekit state dict, checked strictly.
+) -> dict[str, Source]:
+    """Where each tensor of a moekit state dict comes from in HF ``tensors`` (hub or fused layout;
+    meta tensors suffice), checked strictly: every expected tensor present with its shape.
 
     ``ignore`` drops names the model does not use (say, DeepSeek-V3's multi-token-prediction
     layers). A tied ``lm_head.weight`` in the checkpoint is accepted and ignored, as transformers does.
@@ -200,32 +226,51 @@ def from_hf_state_dict(
     kept = {k: v for k, v in tensors.items() if not (ignore and ignore(k))}
     if cfg.tie_embeddings and "lm_head.weight" in kept and "lm_head.weight" not in expected:
         del kept["lm_head.weight"]
-    kept = _to_hub_layout(kept, expected, cfg, lay)
-    check_tensors(kept, expected, what)
-    out: dict[str, Tensor] = {}
+    pieces = _hub_pieces(kept, expected, cfg, lay)
+    check_tensors({name: resolve(kept, p) for name, p in pieces.items()}, expected, what)
+    out: dict[str, Source] = {}
     for name in meta:
         m = _EXPERTS.fullmatch(name)
-        if m is not None:  # stack the per-expert matrices along dim 0: [E, F, D] / [E, D, F]
+        if m is not None:  # one [F, D] / [D, F] piece per expert, stacked along dim 0
             layer, w = int(m.group(1)), _W_INDEX[m.group(2)]
             per_expert = expert_names(layer, cfg.moe.n_routed_experts if cfg.moe else 0, lay)
-            out[name] = torch.stack([kept[n[w]] for n in per_expert])
+            out[name] = [pieces[n[w]] for n in per_expert]
         elif name == "lm_head.weight" and cfg.tie_embeddings:
-            out[name] = kept["model.embed_tokens.weight"]
+            out[name] = pieces["model.embed_tokens.weight"]
         else:
-            out[name] = kept[hf_name(name, lay, model_type)]
+            out[name] = pieces[hf_name(name, lay, model_type)]
     return out
+
+
+def from_hf_state_dict(
+    tensors: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    model_type: str,
+    ignore: Callable[[str], bool] | None = None,
+    what: str = "checkpoint",
+) -> dict[str, Tensor]:
+    """HF tensors (hub or fused layout) -> a complete moekit state dict (see ``hf_sources``)."""
+    sources = hf_sources(tensors, cfg, model_type, ignore, what)
+    return {
+        name: torch.stack([resolve(tensors, p) for p in src]) if isinstance(src, list) else resolve(tensors, src)
+        for name, src in sources.items()
+    }
 
 
 __all__ = [
     "LAYOUTS",
     "CheckpointError",
     "HFLayout",
+    "Piece",
+    "Source",
     "UnsupportedError",
     "check_tensors",
     "expected_hf_tensors",
     "from_hf_state_dict",
     "hf_name",
+    "hf_sources",
     "layout",
     "meta_state_dict",
+    "resolve",
     "to_hf_state_dict",
 ]
