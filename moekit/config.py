@@ -68,6 +68,26 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # Hugging Face's rope_scaling dict, kept verbatim
     rope_interleave: bool = False  # DeepSeek-V3 checkpoints store rotary pairs interleaved
+    # Rotary covers the first dims of each q/k head, the rest pass through unrotated (GLM-4.5:
+    # 0.5). As in transformers, r = int(head_dim * factor) sets the frequencies (theta^(-2i/r),
+    # i < ceil(r/2)) and 2 * ceil(r/2) dims are rotated. GQA only; MLA has qk_rope_head_dim.
+    partial_rotary_factor: float = 1.0
+    # Sliding-window attention (gpt-oss, Mistral): a query sees itself and the sliding_window - 1
+    # slots before it, in the layers listed in sliding_layers (None: every layer). Their KV cache
+    # holds only the window.
+    sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
+    # Chunked attention (Llama 4): a query sees the earlier slots of its own chunk of
+    # chunk_size slots, in chunked_layers (None: every layer). The cache is not bounded by it.
+    chunk_size: int | None = None
+    chunked_layers: list[int] | None = None
+    # Layers without rotary embedding (Llama 4's NoPE layers). qk_norm "l2" skips them, and
+    # attention temperature tuning applies only to them: queries at cache slot p are scaled by
+    # 1 + temperature_scale * log(1 + floor((p + 1) / temperature_floor)) (Llama 4).
+    nope_layers: list[int] | None = None
+    temperature_tuning: bool = False
+    temperature_floor: int = 8192
+    temperature_scale: float = 0.1
     # Multi-head latent attention (DeepSeek-V2/V3), used when kind == "mla".
     q_lora_rank: int | None = None  # None: a plain q projection (V2-Lite)
     kv_lora_rank: int = 512
@@ -82,6 +102,16 @@ class AttentionConfig:
         check_choice("attention.kind", self.kind, ("gqa", "mla"))
         check_choice("attention.qk_norm", self.qk_norm, ("none", "head", "full", "l2"))
         check_positive("attention.rope_theta", self.rope_theta)
+        if self.sliding_window is not None:
+            check_positive("attention.sliding_window", self.sliding_window)
+        elif self.sliding_layers is not None:
+            raise ConfigError("attention.sliding_layers needs attention.sliding_window")
+        if self.chunk_size is not None:
+            check_positive("attention.chunk_size", self.chunk_size)
+        elif self.chunked_layers is not None:
+            raise ConfigError("attention.chunked_layers needs attention.chunk_size")
+        check_positive("attention.temperature_floor", self.temperature_floor)
+        check_positive("attention.temperature_scale", self.temperature_scale)
         if self.kind == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 check_positive(f"attention.{name}", getattr(self, name))
@@ -89,6 +119,11 @@ class AttentionConfig:
                 check_positive("attention.q_lora_rank", self.q_lora_rank)
             if self.qk_rope_head_dim % 2:
                 raise ConfigError("attention.qk_rope_head_dim must be even for rotary embedding")
+            if self.partial_rotary_factor != 1.0:
+                raise ConfigError("attention.partial_rotary_factor must be 1.0 with kind='mla' (see qk_rope_head_dim)")
+            for name in ("sliding_window", "chunk_size", "nope_layers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"attention.{name} is not supported with kind='mla' (GQA layers only)")
             return
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -107,6 +142,31 @@ class AttentionConfig:
         check_positive("attention.head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ConfigError(f"attention.head_dim must be even for rotary embedding, got {self.head_dim}")
+        f = self.partial_rotary_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ConfigError(f"attention.partial_rotary_factor must be in (0, 1], got {f!r}")
+        if self.rotary_dim < 1:
+            raise ConfigError(
+                f"attention.partial_rotary_factor ({f}) leaves no rotary dims (int(head_dim * factor) = 0)"
+            )
+
+    def is_chunked(self, layer: int) -> bool:
+        return self.chunk_size is not None and (self.chunked_layers is None or layer in self.chunked_layers)
+
+    def uses_rope(self, layer: int) -> bool:
+        return self.nope_layers is None or layer not in self.nope_layers
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends through the sliding window."""
+        return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
+
+    @property
+    def rotary_dim(self) -> int:
+        """The rotary embedding's ``dim`` (``int(head_dim * factor)``); it rotates ``2 * ceil(dim / 2)`` dims."""
+        if self.kind == "mla":
+            return self.qk_rope_head_dim
+        assert self.head_dim is not None
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def q_head_dim(self) -> int:
@@ -139,6 +199,14 @@ class MoEConfig:
     group_score: Literal["top2_sum", "max"] = "top2_sum"
     router_bias: bool = False  # gpt-oss: the gate Linear has a bias
     expert_bias: bool = False  # gpt-oss: expert projections have biases
+    # The routed experts' gated unit: "swiglu" silu(g) * u; "clamped_swiglu" (gpt-oss)
+    # g' * sigmoid(swiglu_alpha * g') * (u' + 1) with g' = min(g, swiglu_limit), u' = u clamped
+    # to +-swiglu_limit.
+    expert_activation: Literal["swiglu", "clamped_swiglu"] = "swiglu"
+    # Llama 4: the gate weight scales each expert's input, expert(w * x), not its output w * expert(x).
+    scale_expert_input: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # A per-expert bias added to scores for *selection only* (DeepSeek-V3's
     # e_score_correction_bias; auxiliary-loss-free balancing updates it). A buffer, not a weight.
     selection_bias: bool = False
@@ -183,6 +251,9 @@ class MoEConfig:
             raise ConfigError("moe.shared_expert_gate needs moe.n_shared_experts >= 1")
         check_choice("moe.router", self.router, ROUTERS)
         check_choice("moe.score_func", self.score_func, ("softmax", "sigmoid"))
+        check_choice("moe.expert_activation", self.expert_activation, ("swiglu", "clamped_swiglu"))
+        check_positive("moe.swiglu_alpha", self.swiglu_alpha)
+        check_positive("moe.swiglu_limit", self.swiglu_limit)
         check_choice("moe.group_score", self.group_score, ("top2_sum", "max"))
         check_positive("moe.routed_scaling_factor", self.routed_scaling_factor)
         if self.n_routed_experts % self.n_group:
@@ -287,6 +358,10 @@ class ModelConfig:
         if not isinstance(self.attention, AttentionConfig):
             raise ConfigError("attention must be an AttentionConfig (or a dict of its fields)")
         self.attention.validate(self.d_model)
+        for key in ("sliding_layers", "chunked_layers", "nope_layers"):
+            for i in getattr(self.attention, key) or []:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers:
+                    raise ConfigError(f"attention.{key} entry {i!r} is out of range: expected 0 <= i < n_layers")
         if self.moe is not None:
             self.moe.validate(self.n_layers)
         if self.n_dense_layers > 0:

@@ -102,12 +102,24 @@ def _gpt_oss(name: str, layers: int, experts: int) -> ModelConfig:
                 "rope_type": "yarn",
                 "truncate": False,
             },
+            sliding_window=128,  # on even layers; odd layers attend to the full context
+            sliding_layers=list(range(0, layers, 2)),
         ),
         dense_ffn_dim=2880,  # unused: every layer is MoE
-        moe=MoEConfig(n_routed_experts=experts, top_k=4, expert_ffn_dim=2880, router_bias=True, expert_bias=True),
+        moe=MoEConfig(
+            n_routed_experts=experts,
+            top_k=4,
+            expert_ffn_dim=2880,
+            router_bias=True,
+            expert_bias=True,
+            expert_activation="clamped_swiglu",
+        ),
         norm_eps=1e-5,
         max_seq_len=131072,
     )
+
+
+NOPE = list(range(3, 48, 4))  # Llama 4's no_rope_layer_interval 4
 
 
 def _llama4(
@@ -120,8 +132,18 @@ def _llama4(
         d_model=5120,
         n_layers=48,
         attention=AttentionConfig(
-            n_heads=40, n_kv_heads=8, head_dim=128, qk_norm=qk_norm, rope_theta=500000.0, rope_scaling=rope_scaling
-        ),  # type: ignore[arg-type]
+            n_heads=40,
+            n_kv_heads=8,
+            head_dim=128,
+            qk_norm=qk_norm,  # type: ignore[arg-type]
+            rope_theta=500000.0,
+            rope_scaling=rope_scaling,
+            rope_interleave=True,
+            nope_layers=NOPE,  # every 4th layer has no rotary embedding ...
+            chunk_size=8192,  # ... the others attend within chunks of 8192 tokens
+            chunked_layers=[i for i in range(48) if i not in NOPE],
+            temperature_tuning=True,
+        ),
         dense_ffn_dim=16384,  # intermediate_size_mlp, the non-MoE layers of Maverick
         moe=MoEConfig(
             n_routed_experts=experts,
@@ -131,6 +153,7 @@ def _llama4(
             shared_ffn_dim=8192,
             score_func="sigmoid",
             norm_topk_prob=False,
+            scale_expert_input=True,
             # interleave_moe_layer_step: layers step-1, 2·step-1, ... are MoE
             first_k_dense=moe_every - 1,
             moe_every=moe_every,
@@ -350,23 +373,28 @@ PRESETS: dict[str, ModelConfig] = {
     "deepseek-llm-7b": _dense("deepseek-llm-7b", 102400, 4096, 30, 32, 11008, 1e-6),
     # Tiny models for tests and CPU demos (a few million parameters). vocab_size is meant to be
     # overridden by the tokenizer actually used: get_preset("tiny").replace(vocab_size=...).
-    # "tiny" is DeepSeekMoE in miniature: layer 0 dense, then fine-grained experts (a 512-wide
-    # FFN split into 4, 16 routed, top-4) plus one always-on shared expert.
+    # "tiny" is DeepSeek-V3's MoE in miniature: layer 0 dense, then fine-grained experts (a
+    # 512-wide FFN split into 4, 16 routed, top-4) plus one always-on shared expert; sigmoid scores
+    # renormalised over the chosen, auxiliary-loss-free balancing (gamma 0.003, measured in the
+    # README's balancing study) and grouped-query attention. A design Hugging Face's glm4_moe
+    # expresses exactly, so a trained tiny model exports to a folder transformers loads natively.
     "tiny": ModelConfig(
         name="tiny",
         vocab_size=4096,
         d_model=256,
         n_layers=4,
-        attention=AttentionConfig(n_heads=4, n_kv_heads=4),
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2),
         dense_ffn_dim=768,
         moe=MoEConfig(
             n_routed_experts=16,
             top_k=4,
             expert_ffn_dim=128,
             n_shared_experts=1,
-            norm_topk_prob=False,
+            score_func="sigmoid",
+            norm_topk_prob=True,
             first_k_dense=1,
-            aux_loss_coef=0.01,  # DeepSeekMoE 2B's expert-level alpha_1
+            aux_free_rate=0.003,
+            seq_aux_loss_coef=0.0001,  # DeepSeek-V3's sequence-wise alpha
         ),
         max_seq_len=512,
     ),

@@ -133,10 +133,11 @@ def test_fingerprint_holds_architecture_only():
     same = cfg.replace(name="renamed", max_seq_len=cfg.max_seq_len * 2)
     same = set_by_path(same, {"moe.aux_loss_coef": 0.5, "moe.z_loss_coef": 1e-3, "moe.n_devices": 2})
     assert architecture_fingerprint(same) == fp
-    other = set_by_path(cfg, {"moe.top_k": 2, "norm_eps": 1e-5, "moe.aux_free_rate": 0.001})
+    # tiny balances without an auxiliary loss: turning that off removes the selection-bias buffer
+    other = set_by_path(cfg, {"moe.top_k": 2, "norm_eps": 1e-5, "moe.aux_free_rate": 0.0})
     assert fingerprint_diff(fp, architecture_fingerprint(other)) == [
         "moe.top_k: 4 -> 2",
-        "moe.uses_selection_bias: False -> True",
+        "moe.uses_selection_bias: True -> False",
         "norm_eps: 1e-06 -> 1e-05",
     ]
 

@@ -27,6 +27,7 @@ from moekit.accounting.flops import (
     count_flops,
     kv_cache_bytes_per_token,
     kv_cache_values_per_token,
+    kv_cache_window_bytes,
     weights_bytes,
 )
 from moekit.accounting.params import count_extended, count_params, model_components, mtp_component
@@ -51,6 +52,7 @@ __all__ = [
     "count_params",
     "kv_cache_bytes_per_token",
     "kv_cache_values_per_token",
+    "kv_cache_window_bytes",
     "model_components",
     "mtp_component",
     "weights_bytes",

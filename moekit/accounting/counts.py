@@ -244,6 +244,9 @@ class AttentionShape:
     d_v: int
     kv_values: int
     kv_text: str  # how kv_values reads: "2·8·128" or "(512+64)"
+    # Sliding-window layers: a query sees at most ``window`` keys, and the cache keeps only the
+    # last ``window`` tokens (a fixed size, not per token).
+    window: int | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@
   context ``(S + 1) / 2`` instead.
 - Memory: weights = total parameters × bytes per parameter; the KV cache per token holds K and V
   (``2·G·hd`` values) per attention layer, or for MLA the compressed latent plus the shared
-  rotary key (``kv_lora_rank + qk_rope_head_dim``, DeepSeek-V2 paper Table 1). Linear-attention
+  rotary key (``kv_lora_rank + qk_rope_head_dim``, DeepSeek-V2 paper Table 1). Sliding-window
+  layers (gpt-oss) keep only their last ``window`` tokens: a fixed size, apart. Linear-attention
   and Mamba layers keep a fixed-size state, not a per-token cache: they add nothing here.
 
 Every function takes a ``ModelConfig`` or a ``Counted`` (a model counted without one).
@@ -16,6 +17,7 @@ Every function takes a ``ModelConfig`` or a ``Counted`` (a model counted without
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from moekit.accounting.counts import AttentionShape, Counted, ParamCount
@@ -51,7 +53,14 @@ def attention_shapes(model: Model) -> tuple[AttentionShape, ...] | None:
     """The attention layers of ``model`` (None when not known)."""
     if isinstance(model, Counted):
         return model.attention
-    return (attention_shape(model.attention, model.n_layers),)
+    a = model.attention
+    n_sliding = sum(a.is_sliding(i) for i in range(model.n_layers))
+    if n_sliding == 0:
+        return (attention_shape(a, model.n_layers),)
+    windowed = dataclasses.replace(attention_shape(a, n_sliding), window=a.sliding_window)
+    if n_sliding == model.n_layers:
+        return (windowed,)
+    return (attention_shape(a, model.n_layers - n_sliding), windowed)
 
 
 def count_flops(model: Model, seq_len: int = 4096, *, causal: bool = False) -> FlopCount:
@@ -60,7 +69,8 @@ def count_flops(model: Model, seq_len: int = 4096, *, causal: bool = False) -> F
     forward/token = 2·N_matmul + attention, with N_matmul = ``ParamCount.matmul_active``
     (embedding lookup excluded, output head and routers included) and
     attention = 2·L·H·(d_qk + d_v)·S (full context) or L·H·(d_qk + d_v)·(S + 1) (causal mean).
-    Sliding-window or chunked attention is not modelled (the full context is charged).
+    Sliding-window layers see min(S, window) keys (causal: (min(S, window) + 1), exact for S <=
+    window, a slight overcount past it); chunked attention is not modelled (the full context is charged).
 
     ``train_per_sequence`` (= 3 × forward × S) is the convention of the DeepSeekMoE paper's
     "FLOPs per 4K tokens" (6·N + 12·L·d·S per token, DeepSeek LLM §3.1). Checked in the tests:
@@ -78,10 +88,11 @@ def count_flops(model: Model, seq_len: int = 4096, *, causal: bool = False) -> F
         attention = 0
         for s in shapes:
             per_layer = s.n_heads * (s.d_qk + s.d_v)
+            ctx = seq_len if s.window is None else min(seq_len, s.window)  # a window caps the keys
             if causal:
-                attention += s.n_layers * per_layer * (seq_len + 1)  # 2·per_layer·(S+1)/2, exact
+                attention += s.n_layers * per_layer * (ctx + 1)  # 2·per_layer·(S+1)/2, exact without a window
             else:
-                attention += 2 * s.n_layers * per_layer * seq_len
+                attention += 2 * s.n_layers * per_layer * ctx
     matmul = 2 * p.matmul_active
     forward = matmul + (attention or 0)
     return FlopCount(
@@ -108,9 +119,16 @@ def weights_bytes(model: Model, dtypes: tuple[str, ...] = WEIGHT_DTYPES) -> dict
 
 
 def kv_cache_values_per_token(model: Model) -> int | None:
-    """Cached values per token over all attention layers (None when the layers are unknown)."""
+    """Cached values per token over all attention layers but the sliding-window ones, whose cache
+    is a fixed ``window``-token ring (``kv_cache_window_bytes``). None when the layers are unknown."""
     shapes = attention_shapes(model)
-    return None if shapes is None else sum(s.n_layers * s.kv_values for s in shapes)
+    return None if shapes is None else sum(s.n_layers * s.kv_values for s in shapes if s.window is None)
+
+
+def kv_cache_window_bytes(model: Model, dtype: str = "bf16") -> int:
+    """Bytes the sliding-window layers cache in all, per sequence, once it is ``window`` tokens long."""
+    shapes = attention_shapes(model) or ()
+    return sum(s.n_layers * s.kv_values * s.window for s in shapes if s.window is not None) * dtype_bytes(dtype)
 
 
 def kv_cache_bytes_per_token(model: Model, dtype: str = "bf16") -> int | None:

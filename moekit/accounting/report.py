@@ -12,6 +12,7 @@ from moekit.accounting.flops import (
     count_flops,
     dtype_bytes,
     kv_cache_bytes_per_token,
+    kv_cache_window_bytes,
     params_of,
     weights_bytes,
 )
@@ -34,6 +35,7 @@ class Report:
     max_seq_len: int = 4096
     stored_bytes: int | None = None
     quantization: str | None = None
+    kv_cache_window_bytes: int = 0  # sliding-window layers' fixed cache per sequence (not per token)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the ``moekit params --json`` schema)."""
@@ -60,6 +62,7 @@ class Report:
             "weights_bytes": dict(self.weights_bytes),
             "kv_cache_dtype": self.kv_cache_dtype,
             "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token,
+            "kv_cache_window_bytes": self.kv_cache_window_bytes,
             "formula": self.formula,
         }
         if p.active_range is not None:
@@ -108,8 +111,12 @@ def _formula(model: Model, p: ParamCount, f: FlopCount, kv_dtype: str) -> str:
         lines.append(f"{'FLOPs/token':<{width}} = 2·N_matmul = 2·{p.matmul_active:,} = {f.forward_per_token:,}")
         lines.append(f"{'':<{width}}   (attention scores not included: the attention layers are not known)")
     else:
-        ctx = f"({f.seq_len}+1)" if f.causal else f"2·{f.seq_len}"
-        sum_ = " + ".join(f"{s.n_layers}·{s.n_heads}·({s.d_qk}+{s.d_v})·{ctx}" for s in shapes)
+
+        def ctx(s) -> str:  # a sliding window caps the keys a query sees
+            n = f.seq_len if s.window is None else min(f.seq_len, s.window)
+            return f"({n}+1)" if f.causal else f"2·{n}"
+
+        sum_ = " + ".join(f"{s.n_layers}·{s.n_heads}·({s.d_qk}+{s.d_v})·{ctx(s)}" for s in shapes)
         lines.append(
             f"{'FLOPs/token':<{width}} = 2·N_matmul + {'' if f.causal else '2·'}L·H·(d_qk+d_v)·{'(S+1)' if f.causal else 'S'} = "
             f"2·{p.matmul_active:,} + {sum_} = {f.forward_per_token:,}"
@@ -120,11 +127,19 @@ def _formula(model: Model, p: ParamCount, f: FlopCount, kv_dtype: str) -> str:
     kv_bytes = kv_cache_bytes_per_token(model, kv_dtype)
     if shapes is not None and kv_bytes is not None:
         b = dtype_bytes(kv_dtype)
+        full = [s for s in shapes if s.window is None]
         if len(shapes) == 1 and shapes[0].kv_text.startswith("("):
             kv = f"L·(kv_lora_rank + qk_rope_head_dim)·bytes = {shapes[0].n_layers}·{shapes[0].kv_text}"
         else:
-            kv = "L·2·G·hd·bytes = " + " + ".join(f"{s.n_layers}·{s.kv_text}" for s in shapes)
+            kv = "L·2·G·hd·bytes = " + (" + ".join(f"{s.n_layers}·{s.kv_text}" for s in full) or "0")
         lines.append(f"{'KV cache/token':<{width}} = {kv}·{b} = {kv_bytes:,} B ({kv_dtype})")
+        for s in shapes:
+            if s.window is not None:
+                fixed = s.n_layers * s.kv_values * s.window * b
+                lines.append(
+                    f"{'':<{width}}   + {s.n_layers} sliding-window layers cache only their last {s.window} tokens: "
+                    f"{s.n_layers}·{s.kv_text}·{s.window}·{b} = {fixed:,} B per sequence, whatever its length"
+                )
     for note in p.notes:
         lines.append(f"{'note':<{width}}   {note}")
     return "\n".join(lines)
@@ -147,6 +162,7 @@ def account(model: Model, seq_len: int = 4096, *, kv_dtype: str = "bf16", causal
         weights_bytes=weights_bytes(model),
         kv_cache_dtype=kv_dtype,
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(model, kv_dtype),
+        kv_cache_window_bytes=kv_cache_window_bytes(model, kv_dtype),
         formula=_formula(model, p, f, kv_dtype),
         max_seq_len=model.max_seq_len,
         stored_bytes=stored,

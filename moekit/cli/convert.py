@@ -1,7 +1,8 @@
 """``moekit convert SRC DST --format hf|moekit``: rewrite a checkpoint folder in either layout.
 
-SRC is a Hugging Face folder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) or a moekit
-folder; DST is written atomically. Tokenizer and generation files are carried across. DST must be
+SRC is a Hugging Face folder of a loadable type (``moekit.interop.types.loadable_types()``: mixtral,
+qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe, dots1, gpt_oss, llama4_text, ...) or a
+moekit folder; DST is written atomically. Tokenizer and generation files are carried across. DST must be
 new, empty, or written by moekit; ``--overwrite`` lets it replace the weights and config of another
 folder (even SRC itself), keeping every other file there (README.md, LICENSE, tokenizer files).
 """

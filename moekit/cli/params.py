@@ -139,7 +139,10 @@ def _print_human(report: Report, data: dict, dtype: str, max_seq_len: int) -> No
         summary.add_row(f"KV cache / token ({dtype})", "n/a (attention layers not known)")
     else:
         summary.add_row(f"KV cache / token ({dtype})", _bytes(kv))
-        summary.add_row(f"KV cache / {max_seq_len}-token sequence ({dtype})", _bytes(kv * max_seq_len))
+        window = report.kv_cache_window_bytes or 0  # sliding-window layers: a fixed ring, not per token
+        if window:
+            summary.add_row(f"KV cache of the sliding-window layers ({dtype}, fixed)", _bytes(window))
+        summary.add_row(f"KV cache / {max_seq_len}-token sequence ({dtype})", _bytes(kv * max_seq_len + window))
     console.print(summary)
     console.print("[bold]formula[/bold] (numbers filled in)")
     console.print(report.formula, soft_wrap=True)

@@ -4,9 +4,9 @@ The rules of each ``model_type`` live in its record in ``moekit.interop.types``;
 dispatches to them. A field that changes the parameter count and that ``ModelConfig`` cannot
 express raises ``ConfigError`` naming it (never a silently wrong count).
 
-Not represented, on purpose (they change behaviour, not parameters): sliding-window / chunked
-attention layouts, gpt-oss's clamped SwiGLU, PhiMoE's sparsemixer router, Llama 4's no-rope layers
-and its L2 q/k norm being applied only on rotary layers, OLMoE's ``clip_qkv``. DeepSeek-V3's
+Not represented, on purpose (they change behaviour, not parameters): PhiMoE's sparsemixer router,
+OLMoE's ``clip_qkv``. (Sliding-window and chunked layers, gpt-oss's clamped SwiGLU, Llama 4's NoPE
+layers and input-scaled routing are config settings, read by the types that load.) DeepSeek-V3's
 multi-token-prediction module (``num_nextn_predict_layers``) is not part of the model, as in
 transformers (the 671B total excludes it).
 """

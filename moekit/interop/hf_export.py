@@ -12,24 +12,35 @@ from typing import Any
 
 from moekit.config import ModelConfig
 from moekit.interop.types import TYPES, UnsupportedError
+from moekit.interop.types._writer import mismatches
 
 ARCHITECTURES: dict[str, str] = {n: t.architecture for n, t in TYPES.items() if t.write and t.architecture}
 BUILDERS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {n: t.write for n, t in TYPES.items() if t.write}
 
 
 def infer_model_type(cfg: ModelConfig) -> str:
-    """The HF model type whose architecture matches ``cfg``'s distinguishing features.
+    """The HF model type that expresses ``cfg``: of the writable types whose writer accepts every
+    field, the first whose ``claims`` fits its distinguishing features (MLA -> deepseek_v2/v3, gated
+    shared expert -> qwen2_moe, sigmoid or shared experts with GQA -> glm4_moe, ...), else the first.
 
-    Only a guess from the config (each writable type's ``claims``: MLA -> deepseek_v3, gated
-    shared expert -> qwen2_moe, per-head q/k norm -> qwen3_moe, full q/k norm -> olmoe, else
-    mixtral); ``to_hf_config`` then checks every field against the guessed type.
+    When none accepts it, the error names the nearest type (fewest differing fields) and every
+    field that differs there.
     """
     if cfg.moe is None:
         raise UnsupportedError("moe is None: a dense model has no Hugging Face MoE model type")
-    for name, t in TYPES.items():
-        if t.write is not None and t.claims is not None and t.claims(cfg):
+    diffs = {name: mismatches(t.write, cfg) for name, t in TYPES.items() if t.write is not None}
+    fits = [name for name, found in diffs.items() if not found]
+    for name in fits:
+        claims = TYPES[name].claims
+        if claims is not None and claims(cfg):
             return name
-    raise UnsupportedError(f"no writable model type fits this config; writable: {sorted(BUILDERS)}")
+    if fits:
+        return fits[0]
+    nearest = min(diffs, key=lambda name: len(diffs[name]))
+    raise UnsupportedError(
+        f"no Hugging Face model type expresses this config; the nearest is {nearest!r}, which differs in "
+        f"{len(diffs[nearest])} field(s): " + "; ".join(diffs[nearest])
+    )
 
 
 def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
@@ -37,6 +48,12 @@ def to_hf_config(cfg: ModelConfig, model_type: str | None = None) -> dict[str, A
     model_type = model_type or infer_model_type(cfg)
     if model_type not in BUILDERS:
         raise UnsupportedError(f"model_type {model_type!r} cannot be written; supported: {sorted(BUILDERS)}")
+    diffs = mismatches(BUILDERS[model_type], cfg)
+    if diffs:
+        raise UnsupportedError(
+            f"this config cannot be written as model_type {model_type!r}: it differs in {len(diffs)} field(s): "
+            + "; ".join(diffs)
+        )
     return BUILDERS[model_type](cfg)
 
 

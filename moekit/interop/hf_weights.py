@@ -7,7 +7,10 @@ A moekit state dict and a Hugging Face (hub layout) state dict differ in two way
 
 Loading also accepts the fused layout transformers 5 uses in memory
 (``experts.gate_up_proj [E, 2F, D]`` = gate then up, ``experts.down_proj [E, D, F]``), although
-``save_pretrained`` of transformers 5.23 writes the hub layout for all five supported types.
+``save_pretrained`` of transformers 5 writes the hub layout for the types it converts. Types
+whose checkpoints only ever hold fused tensors (gpt-oss, Llama 4: ``HFLayout.fused``) are read
+and written in their own ``[E, D, 2F]`` / ``[E, F, D]`` layout, gate and up interleaved or
+concatenated.
 
 Everything here works on meta tensors too, which is how shapes are checked without reading data.
 ``hf_sources`` says where each moekit tensor comes from (a ``Piece``: a checkpoint tensor and an
@@ -51,10 +54,10 @@ _RULES: list[tuple[str, str]] = [
     (_L + r"attn_norm\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
     (_L + r"ffn_norm\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
     (_L + r"attn\.(\w+\.weight|\w+\.bias|sinks)", r"model.layers.\1.self_attn.\2"),
-    (_L + r"ffn\.w1\.(weight|bias)", r"model.layers.\1.mlp.gate_proj.\2"),  # dense FFN layers
-    (_L + r"ffn\.w3\.(weight|bias)", r"model.layers.\1.mlp.up_proj.\2"),
-    (_L + r"ffn\.w2\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2"),
-    (_L + r"ffn\.router\.gate\.(weight|bias)", r"model.layers.\1.{moe}.gate.\2"),
+    (_L + r"ffn\.w1\.(weight|bias)", r"model.layers.\1.{dense}.gate_proj.\2"),  # dense FFN layers
+    (_L + r"ffn\.w3\.(weight|bias)", r"model.layers.\1.{dense}.up_proj.\2"),
+    (_L + r"ffn\.w2\.(weight|bias)", r"model.layers.\1.{dense}.down_proj.\2"),
+    (_L + r"ffn\.router\.gate\.(weight|bias)", r"model.layers.\1.{moe}.{router}.\2"),
     (_L + r"ffn\.router\.selection_bias", r"model.layers.\1.{moe}.gate.e_score_correction_bias"),
     (_L + r"ffn\.shared_experts\.w1\.(weight|bias)", r"model.layers.\1.{moe}.{shared}.gate_proj.\2"),
     (_L + r"ffn\.shared_experts\.w3\.(weight|bias)", r"model.layers.\1.{moe}.{shared}.up_proj.\2"),
@@ -63,6 +66,25 @@ _RULES: list[tuple[str, str]] = [
 ]
 _EXPERTS = re.compile(_L + r"ffn\.experts\.(w1|w3|w2)")
 _W_INDEX = {"w1": 0, "w3": 1, "w2": 2}
+_EXPERT_BIAS = re.compile(_L + r"ffn\.experts\.(b1|b3|b2)")
+
+
+def _fuse_interleaved(sd: Mapping[str, Tensor], layer: int, lay: HFLayout) -> dict[str, Tensor]:
+    """One layer's stacked experts as transformers' fused tensors (see ``HFLayout.fused``)."""
+    p, base = f"layers.{layer}.ffn.experts.", f"model.layers.{layer}.{lay.moe}.experts."
+    w1, w3, w2 = sd[p + "w1"], sd[p + "w3"], sd[p + "w2"]
+    e, f, d = w1.shape
+    gate_up_EXD = (
+        torch.stack([w1, w3], dim=2).reshape(e, 2 * f, d) if lay.fused == "interleaved" else torch.cat([w1, w3], 1)
+    )
+    out = {
+        base + "gate_up_proj": gate_up_EXD.transpose(1, 2).contiguous(),
+        base + "down_proj": w2.transpose(1, 2).contiguous(),
+    }
+    if p + "b1" in sd:
+        out[base + "gate_up_proj_bias"] = torch.stack([sd[p + "b1"], sd[p + "b3"]], dim=2).reshape(e, 2 * f)
+        out[base + "down_proj_bias"] = sd[p + "b2"]
+    return out
 
 
 def hf_name(name: str, lay: HFLayout, model_type: str = "") -> str:
@@ -73,7 +95,7 @@ def hf_name(name: str, lay: HFLayout, model_type: str = "") -> str:
             continue
         if "{shared}" in template and lay.shared is None:
             break
-        return m.expand(template.format(moe=lay.moe, shared=lay.shared))
+        return m.expand(template.format(moe=lay.moe, shared=lay.shared, router=lay.router, dense=lay.dense))
     raise UnsupportedError(f"moekit tensor {name!r} has no Hugging Face name in model type {model_type!r}")
 
 
@@ -100,6 +122,10 @@ def to_hf_state_dict(
     for name, t in sd.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # HF re-ties lm_head to embed_tokens from tie_word_embeddings
+        if lay.fused is not None and (_EXPERTS.fullmatch(name) or _EXPERT_BIAS.fullmatch(name)):
+            if name.endswith(".w1"):
+                out.update(_fuse_interleaved(sd, int(name.split(".")[1]), lay))
+            continue
         m = _EXPERTS.fullmatch(name)
         if m is None:
             out[hf_name(name, lay, model_type)] = t
@@ -131,13 +157,16 @@ def expected_hf_tensors(cfg: ModelConfig, model_type: str) -> dict[str, Tensor]:
 @dataclass(frozen=True)
 class Piece:
     """Where one tensor comes from: ``tensors[name][index]`` of a checkpoint (``index`` picks one
-    expert of a fused tensor, and gate or up rows of ``gate_up_proj``; empty: the whole tensor).
+    expert of a fused tensor, and gate or up rows of ``gate_up_proj``, strided for gpt-oss's
+    interleaved columns; empty: the whole tensor), its last two dims swapped when ``transpose``
+    (the ``[in, out]`` fused tensors of ``HFLayout.fused`` types).
 
     Loading in one process reads whole tensors and indexes them; sharded loading
     (``moekit.parallel.loading``) reads only the slice of a piece it holds."""
 
     name: str
     index: tuple[int | slice, ...] = ()
+    transpose: bool = False
 
 
 # A moekit state-dict key's source: one piece, or (stacked routed experts) one piece per expert.
@@ -161,7 +190,7 @@ def _hub_pieces(
         m = alias.match(name)
         if m is not None and lay.moe != "mlp" and cfg.is_moe_layer(int(m.group(1))):
             name = f"model.layers.{m.group(1)}.{lay.moe}.{name[m.end() :]}"
-        m = fused.fullmatch(name)
+        m = fused.fullmatch(name) if lay.fused is None else None  # fused-only types keep their names
         if m is None:
             out[name] = Piece(source)
             continue
@@ -182,9 +211,35 @@ def _hub_pieces(
 
 
 def resolve(tensors: Mapping[str, Tensor], piece: Piece) -> Tensor:
-    """The tensor a piece names (a view when it indexes)."""
+    """The tensor a piece names (a view when it only picks whole rows or blocks; contiguous when
+    it strides or transposes, as parameters must be)."""
     t = tensors[piece.name]
-    return t[piece.index] if piece.index else t
+    t = t[piece.index] if piece.index else t
+    strided = any(isinstance(i, slice) and (i.step or 1) != 1 for i in piece.index)
+    return t.transpose(-1, -2).contiguous() if piece.transpose else t.contiguous() if strided else t
+
+
+def _fused_pieces(name: str, kept: Mapping[str, Tensor], lay: HFLayout) -> Piece:
+    """The moekit expert tensor ``name`` (``layers.{i}.ffn.experts.w1`` ... ``b2``) of a fused-only
+    type as one piece of its ``gate_up_proj [E, D, 2F]`` / ``down_proj [E, F, D]`` (or their
+    ``_bias``): gate and up columns interleaved (gpt-oss: even, odd) or concatenated (Llama 4)."""
+    m = re.fullmatch(_L + r"ffn\.experts\.(w1|w3|w2|b1|b3|b2)", name)
+    assert m is not None
+    base, which = f"model.layers.{m.group(1)}.{lay.moe}.experts.", m.group(2)
+    if which in ("w2", "b2"):
+        return Piece(base + ("down_proj" if which == "w2" else "down_proj_bias"), transpose=which == "w2")
+    fused = base + ("gate_up_proj" if which in ("w1", "w3") else "gate_up_proj_bias")
+    two_f = kept[fused].shape[-1]
+    up = which in ("w3", "b3")
+    cols = (
+        slice(int(up), two_f, 2)
+        if lay.fused == "interleaved"
+        else slice(two_f // 2, two_f)
+        if up
+        else slice(0, two_f // 2)
+    )
+    lead = (slice(None),) * (kept[fused].dim() - 1)
+    return Piece(fused, (*lead, cols), transpose=which in ("w1", "w3"))
 
 
 def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str = "checkpoint") -> None:
@@ -230,6 +285,9 @@ def hf_sources(
     check_tensors({name: resolve(kept, p) for name, p in pieces.items()}, expected, what)
     out: dict[str, Source] = {}
     for name in meta:
+        if lay.fused is not None and (_EXPERTS.fullmatch(name) or _EXPERT_BIAS.fullmatch(name)):
+            out[name] = _fused_pieces(name, kept, lay)
+            continue
         m = _EXPERTS.fullmatch(name)
         if m is not None:  # one [F, D] / [D, F] piece per expert, stacked along dim 0
             layer, w = int(m.group(1)), _W_INDEX[m.group(2)]

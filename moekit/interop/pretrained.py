@@ -177,15 +177,14 @@ def _check_hf_options(d: dict[str, Any]) -> None:
         raise refused(d, "quantization_config", "quantized checkpoints must be dequantized first")
     if d.get("hidden_act", "silu") != "silu":
         raise refused(d, "hidden_act", "moekit's FFNs are SwiGLU (silu)")
+    t = get_type(d.get("model_type", ""))
     for key in ("rope_scaling", "rope_parameters"):
         rope = d.get(key)
-        if isinstance(rope, dict) and rope.get("truncate") is False:
-            raise UnsupportedError(f"{where}: '{key}.truncate' = False is not supported: YaRN is always truncated")
-        if isinstance(rope, dict) and rope.get("partial_rotary_factor", 1.0) != 1.0:
+        partial = t is not None and t.partial_rotary
+        if isinstance(rope, dict) and rope.get("partial_rotary_factor", 1.0) != 1.0 and not partial:
             raise UnsupportedError(
                 f"{where}: '{key}.partial_rotary_factor' is not supported: rotary covers whole heads"
             )
-    t = get_type(d.get("model_type", ""))
     if t is not None:
         t.refuse(d)
 
@@ -261,10 +260,10 @@ def from_pretrained(
 ) -> MoETransformer:
     """Load a Hugging Face or moekit checkpoint folder as a ``MoETransformer`` (in eval mode).
 
-    Hugging Face model types: those whose record in ``moekit.interop.types`` is ``loadable``
-    (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, kimi_k2; hub per-expert or transformers-5
-    fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of its embedding);
-    buffers (the router's selection bias) stay fp32 as in transformers.
+    Hugging Face model types: those whose record is ``loadable`` (``moekit.interop.types``: mixtral,
+    qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, gpt_oss, llama4_text, ...;
+    hub per-expert or transformers-5 fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of
+    its embedding); buffers (the router's selection bias) stay fp32 as in transformers.
     ``device="meta"`` reads headers only. ``model.tokenizer`` is the folder's tokenizer or None.
     ``path`` may be a moekit training run directory: its newest checkpoint is loaded.
     Raises ``CheckpointError`` / ``UnsupportedError`` / ``ConfigError`` (all ``MoekitError``).

@@ -66,12 +66,47 @@ def causal_attention(
     return probs @ v_BHLd
 
 
+def window_mask(mask: Tensor | None, t: int, end: int, n: int, window: int, device: torch.device) -> Tensor:
+    """The mask of a sliding-window layer over its ``n`` keys, slots ``end - n .. end - 1``, for the
+    ``t`` queries in slots ``end - t ..``: ``mask`` (``[B, 1, T, L]`` over all ``end`` slots, or
+    None: causal) restricted to those keys and to keys less than ``window`` slots back."""
+    q_T1 = torch.arange(end - t, end, device=device)[:, None]
+    k_1N = torch.arange(end - n, end, device=device)[None, :]
+    band_TN = (k_1N <= q_T1) & (k_1N > q_T1 - window)
+    return band_TN if mask is None else mask[..., end - n :] & band_TN
+
+
+def chunk_mask(mask: Tensor | None, t: int, end: int, chunk: int, device: torch.device) -> Tensor:
+    """The mask of a chunked-attention layer for ``t`` queries in slots ``end - t ..`` over all ``end``
+    slots: causal (or ``mask``) and inside the query's chunk. Chunks count from each row's first
+    real slot, as transformers does for left padding (the first slot the last query may see)."""
+    q_T1 = torch.arange(end - t, end, device=device)[:, None]
+    k_1L = torch.arange(end, device=device)[None, :]
+    if mask is None:
+        return (k_1L <= q_T1) & (k_1L // chunk == q_T1 // chunk)
+    start_B111 = mask[:, :, -1, :].to(torch.int64).argmax(dim=-1)[:, :, None, None]
+    return mask & ((k_1L - start_B111) // chunk == (q_T1 - start_B111) // chunk)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with optional q/k norm, biases and attention sinks."""
 
-    def __init__(self, cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None):
+    def __init__(
+        self,
+        cfg: AttentionConfig,
+        d_model: int,
+        norm_eps: float,
+        rope: RotaryEmbedding | None = None,
+        window: int | None = None,
+        chunk: int | None = None,
+        use_rope: bool = True,
+    ):
         super().__init__()
         assert cfg.head_dim is not None and cfg.n_kv_heads is not None
+        self.window = window  # sliding window: a query sees itself and window - 1 slots before it
+        self.chunk = chunk  # chunked attention: a query sees the earlier slots of its chunk
+        self.use_rope = use_rope  # False: a NoPE layer (no rotary, no l2 q/k norm, temperature tuning)
+        self.temperature = (cfg.temperature_floor, cfg.temperature_scale) if cfg.temperature_tuning else None
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm = cfg.qk_norm
         q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -85,7 +120,9 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = nn.RMSNorm(q_width, eps=norm_eps), nn.RMSNorm(kv_width, eps=norm_eps)
         self.norm_eps = norm_eps
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.sinks else None
-        self.rope = rope or RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rope = rope or RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+        # < head_dim: partial rotary (GLM-4.5), the rest passes through; 2 * ceil(r / 2) as in transformers
+        self.rotary_width = 2 * ((cfg.rotary_dim + 1) // 2)
         self.interleaved = cfg.rope_interleave
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
@@ -108,17 +145,33 @@ class Attention(nn.Module):
             q_BTHd, k_BTGd = self.q_norm(q_BTHd), self.k_norm(k_BTGd)
         q_BHTd, k_BGTd = q_BTHd.transpose(1, 2), k_BTGd.transpose(1, 2)
         v_BGTd = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope(positions_T)
-        q_BHTd = apply_rope(q_BHTd, cos, sin, self.interleaved)
-        k_BGTd = apply_rope(k_BGTd, cos, sin, self.interleaved)
-        if self.qk_norm == "l2":  # Llama 4: parameter-free RMS normalisation after rotation
-            q_BHTd, k_BGTd = (
-                F.rms_norm(q_BHTd, (self.head_dim,), eps=self.norm_eps),
-                F.rms_norm(k_BGTd, (self.head_dim,), eps=self.norm_eps),
-            )
+        if self.use_rope:
+            cos, sin = self.rope(positions_T)
+            q_BHTd = self._rotate(q_BHTd, cos, sin)
+            k_BGTd = self._rotate(k_BGTd, cos, sin)
+            if self.qk_norm == "l2":  # Llama 4: parameter-free RMS normalisation after rotation
+                q_BHTd, k_BGTd = (
+                    F.rms_norm(q_BHTd, (self.head_dim,), eps=self.norm_eps),
+                    F.rms_norm(k_BGTd, (self.head_dim,), eps=self.norm_eps),
+                )
+        elif self.temperature is not None:  # Llama 4 NoPE layers: sharper attention far into the context
+            floor, scale = self.temperature
+            slots_T = torch.arange(offset, offset + t, device=x_BTD.device, dtype=torch.float32)
+            q_BHTd = q_BHTd * (torch.log1p(torch.floor((slots_T + 1) / floor)) * scale + 1).to(q_BHTd.dtype)[:, None]
+        # L keys after the cache update (a window's worth if the layer slides)
         k_BGLd, v_BGLd = (k_BGTd, v_BGTd) if cache is None else cache.update(k_BGTd, v_BGTd, offset)
+        if self.window is not None:
+            mask = window_mask(mask, t, offset + t, k_BGLd.shape[2], self.window, x_BTD.device)
+        if self.chunk is not None:
+            mask = chunk_mask(mask, t, offset + t, self.chunk, x_BTD.device)
         out_BHTd = causal_attention(q_BHTd, k_BGLd, v_BGLd, self.scale, self.sinks, mask)
         return self.o_proj(out_BHTd.transpose(1, 2).reshape(b, t, -1))
+
+    def _rotate(self, x_BHTd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        r = self.rotary_width
+        if r == self.head_dim:
+            return apply_rope(x_BHTd, cos, sin, self.interleaved)
+        return torch.cat([apply_rope(x_BHTd[..., :r], cos, sin, self.interleaved), x_BHTd[..., r:]], dim=-1)
 
 
 # The latent norms use RMSNorm's default eps whatever the model's norm_eps, as DeepSeek's reference
@@ -226,15 +279,17 @@ class LatentAttention(nn.Module):
 
 
 def build_attention(
-    cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None
+    cfg: AttentionConfig, d_model: int, norm_eps: float, rope: RotaryEmbedding | None = None, layer: int = 0
 ) -> nn.Module:
-    """``rope``: a rotary table shared with other layers (one per model); None builds one."""
-    cls = LatentAttention if cfg.kind == "mla" else Attention
-    return cls(cfg, d_model, norm_eps, rope)
+    """``rope``: a rotary table shared with other layers (one per model); None builds one. ``layer``
+    decides whether a sliding window applies (``cfg.is_sliding``)."""
+    if cfg.kind == "mla":
+        return LatentAttention(cfg, d_model, norm_eps, rope)
+    window = cfg.sliding_window if cfg.is_sliding(layer) else None
+    chunk = cfg.chunk_size if cfg.is_chunked(layer) else None
+    return Attention(cfg, d_model, norm_eps, rope, window, chunk, cfg.uses_rope(layer))
 
 
 def rotary_for(cfg: AttentionConfig, max_positions: int | None = None) -> RotaryEmbedding:
     """The rotary embedding every layer of a model with this attention config uses."""
-    dim = cfg.qk_rope_head_dim if cfg.kind == "mla" else cfg.head_dim
-    assert dim is not None
-    return RotaryEmbedding(dim, cfg.rope_theta, cfg.rope_scaling, max_positions)
+    return RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, max_positions)

@@ -58,9 +58,20 @@ def sort_by_expert(
     return Dispatch(order_N=order_N, token_N=order_N // top_k, counts_E=counts_E)
 
 
-def permute(x_TD: Tensor, d: Dispatch) -> Tensor:
-    """Rows of ``x`` in expert order: ``[N, D]``."""
-    return x_TD.index_select(0, d.token_N)
+def permute(x_TD: Tensor, d: Dispatch, weights_TK: Tensor | None = None) -> Tensor:
+    """Rows of ``x`` in expert order: ``[N, D]``; each scaled by its gate weight if ``weights_TK`` is given."""
+    x_ND = x_TD.index_select(0, d.token_N)
+    if weights_TK is None:
+        return x_ND
+    return x_ND * weights_TK.reshape(-1).index_select(0, d.order_N).unsqueeze(-1).to(x_ND.dtype)
+
+
+def input_scaled(x_TD: Tensor, d: Dispatch, weights_TK: Tensor, scale_input: bool) -> tuple[Tensor, Tensor]:
+    """The rows to send and the weights combine will apply: the gate weight goes on the expert's input
+    (``scale_input``, Llama 4: ``sum_k expert_k(w_k x)``) or, as usual, on its output."""
+    if not scale_input:
+        return permute(x_TD, d), weights_TK
+    return permute(x_TD, d, weights_TK), torch.ones_like(weights_TK)
 
 
 def combine(y_ND: Tensor, d: Dispatch, weights_TK: Tensor, n_tokens: int) -> Tensor:
@@ -131,9 +142,11 @@ class LocalDispatcher:
     def sort(self, routing: Routing) -> Dispatch:
         return sort_by_expert(routing.idx_TK, routing.counts_E.shape[0], routing.keep_TK, routing.counts_E)
 
-    def dispatch(self, x_TD: Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x_TD: Tensor, routing: Routing, scale_input: bool = False) -> Dispatched:
+        """``scale_input``: gate weights scale the rows going in, combine then only sums (Llama 4)."""
         d = self.sort(routing)
-        return Dispatched(self.to_experts(permute(x_TD, d)), d.counts_E, d, routing.weights_TK, x_TD.shape[0])
+        x_ND, weights_TK = input_scaled(x_TD, d, routing.weights_TK, scale_input)
+        return Dispatched(self.to_experts(x_ND), d.counts_E, d, weights_TK, x_TD.shape[0])
 
     def combine(self, y_ND: Tensor, d: Dispatched) -> Tensor:
         return combine(self.from_experts(y_ND), d.local, d.weights_TK, d.n_tokens)

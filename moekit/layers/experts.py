@@ -1,7 +1,8 @@
 """The routed experts: SwiGLU FFNs stored as stacked weights, and the ways to compute them.
 
 Shapes: T tokens, K experts per token, N rows (kept assignments, sorted by expert), E experts,
-F expert width, D model width. ``y = w2 (silu(w1 x + b1) * (w3 x + b3)) + b2``; biases only for gpt-oss.
+F expert width, D model width. ``y = w2 (silu(w1 x + b1) * (w3 x + b3)) + b2``; biases only for gpt-oss, whose
+``activation`` also replaces ``silu(h1) * h3`` (``clamped_swiglu``).
 
 The expert weight layout (decided once; expert parallelism, expert tensor parallelism, checkpoint
 names and any future fused gate+up matmul share it): three stacked tensors ``w1_EFD`` (gate),
@@ -55,9 +56,18 @@ from moekit.layers.dispatch import Dispatch, combine, permute
 class Experts(nn.Module):
     """``n_experts`` SwiGLU FFNs of width ``ffn_dim`` with stacked weights ``[E, F, D]`` / ``[E, D, F]``."""
 
-    def __init__(self, n_experts: int, d_model: int, ffn_dim: int, bias: bool = False, impl: str = "auto"):
+    def __init__(
+        self,
+        n_experts: int,
+        d_model: int,
+        ffn_dim: int,
+        bias: bool = False,
+        impl: str = "auto",
+        activation: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ):
         super().__init__()
         self.n_experts, self.d_model, self.ffn_dim = n_experts, d_model, ffn_dim
+        self.activation = activation  # (h1, h3) -> gated unit; None: silu(h1) * h3
         self.w1 = nn.Parameter(torch.empty(n_experts, ffn_dim, d_model))
         self.w3 = nn.Parameter(torch.empty(n_experts, ffn_dim, d_model))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, ffn_dim))
@@ -87,8 +97,11 @@ class Experts(nn.Module):
     def resolved_impl(self, x: Tensor) -> str:
         """The implementation ``routed`` runs for input ``x`` ("auto" resolved by device and dtype)."""
         if self._impl != "auto":
-            return self._impl
-        return "grouped_mm" if grouped_mm_supported(self, x) else "fused"
+            # NOTE: the fused path's hand-written backward knows only silu; other units use autograd.
+            return "loop" if self._impl == "fused" and self.activation is not None else self._impl
+        if grouped_mm_supported(self, x):
+            return "grouped_mm"
+        return "fused" if self.activation is None else "loop"
 
     def routed(self, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) -> Tensor:
         """``y_TD[t] = sum_k weights_TK[t, k] * expert_{idx[t, k]}(x_TD[t])`` over kept assignments."""
@@ -101,8 +114,15 @@ class Experts(nn.Module):
         return loop_rows(self, x_ND, counts_E)
 
 
-def _swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, b1=None, b3=None, b2=None) -> Tensor:
-    return F.linear(F.silu(F.linear(x, w1, b1)) * F.linear(x, w3, b3), w2, b2)
+def _swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, b1=None, b3=None, b2=None, act=None) -> Tensor:
+    h1, h3 = F.linear(x, w1, b1), F.linear(x, w3, b3)
+    return F.linear(F.silu(h1) * h3 if act is None else act(h1, h3), w2, b2)
+
+
+def clamped_swiglu(h1: Tensor, h3: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's gated unit: ``g * sigmoid(alpha * g) * (u + 1)``, g = min(h1, limit), u = h3 clamped to +-limit."""
+    g, u = h1.clamp(max=limit), h3.clamp(-limit, limit)
+    return g * torch.sigmoid(alpha * g) * (u + 1)
 
 
 # --- on expert-sorted rows ------------------------------------------------------------------
@@ -118,11 +138,11 @@ def loop_rows(ex: Experts, x_ND: Tensor, counts_E: Tensor) -> Tensor:
     for e, x_e in enumerate(x_ND.split(counts_E.tolist())):
         if x_e.shape[0] == 0:
             continue  # empty experts cost nothing
-        outs.append(_swiglu(x_e, w1s[e], w3s[e], w2s[e], b1s[e], b3s[e], b2s[e]))
+        outs.append(_swiglu(x_e, w1s[e], w3s[e], w2s[e], b1s[e], b3s[e], b2s[e], ex.activation))
     if not outs:
         # No rows at all (e.g. an expert-parallel rank nobody routed to): an empty product still
         # links the weights into the graph, so every expert gets a zero gradient, not None.
-        return _swiglu(x_ND[:0], w1s[0], w3s[0], w2s[0], b1s[0], b3s[0], b2s[0])
+        return _swiglu(x_ND[:0], w1s[0], w3s[0], w2s[0], b1s[0], b3s[0], b2s[0], ex.activation)
     return torch.cat(outs)
 
 
@@ -177,7 +197,8 @@ def grouped_mm_rows(ex: Experts, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         )
         h1_NF = h1_NF + ex.b1[eid_N]
         h3_NF = h3_NF + ex.b3[eid_N]
-    y_ND = torch._grouped_mm(F.silu(h1_NF) * h3_NF, ex.w2.transpose(-1, -2), offs=offs_E)
+    a_NF = F.silu(h1_NF) * h3_NF if ex.activation is None else ex.activation(h1_NF, h3_NF)
+    y_ND = torch._grouped_mm(a_NF, ex.w2.transpose(-1, -2), offs=offs_E)
     if ex.b2 is not None:
         y_ND = y_ND + ex.b2[eid_N]
     return _ContiguousGrad.apply(y_ND)

@@ -2,6 +2,7 @@
 bookkeeping (how many positions are filled, which of them are padding, each row's next position).
 
 - ``KVCache``: grouped-query attention stores its roped keys and its values, ``[B, G, S, d]`` each.
+- ``SlidingKVCache``: a sliding-window layer (gpt-oss) keeps only its last ``window`` slots in a ring.
 - ``LatentCache``: multi-head latent attention (DeepSeek-V2/V3) stores only the normalised latent
   and the roped, head-shared key part, ``[B, S, C + R]`` (576 values per token for V3 instead of
   40,960 for expanded keys and values); the heads' keys and values are recomputed from it, or the
@@ -43,6 +44,46 @@ class KVCache:
         return self.k_BGSd.shape[1] * (self.k_BGSd.shape[3] + self.v_BGSd.shape[3])
 
 
+class SlidingKVCache:
+    """Keys and values of one sliding-window layer: only the last ``window`` slots, in a ring.
+
+    A query at slot q sees slots q - window + 1 .. q, so after the new tokens are stored nothing
+    older than the last ``window`` slots is ever read again; memory is fixed, not per token.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, window: int, k_dim: int, v_dim: int, dtype, device):
+        self.window = window
+        self.k_BGWd = torch.empty(batch, n_kv_heads, window, k_dim, dtype=dtype, device=device)
+        self.v_BGWd = torch.empty(batch, n_kv_heads, window, v_dim, dtype=dtype, device=device)
+
+    def update(self, k_BGTd: Tensor, v_BGTd: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values (slots ``offset ..``) and return those of slots
+        ``offset - min(offset, window - 1) .. offset + T``: the earlier ones still inside a new
+        query's window, then the new ones."""
+        t, w = k_BGTd.shape[2], self.window
+        keep = min(offset, w - 1)
+        device = k_BGTd.device
+        if keep:
+            ring = torch.arange(offset - keep, offset, device=device) % w
+            k_BGLd = torch.cat([self.k_BGWd[:, :, ring], k_BGTd], dim=2)
+            v_BGLd = torch.cat([self.v_BGWd[:, :, ring], v_BGTd], dim=2)
+        else:
+            k_BGLd, v_BGLd = k_BGTd, v_BGTd
+        n = min(t, w)
+        ring = torch.arange(offset + t - n, offset + t, device=device) % w
+        self.k_BGWd[:, :, ring] = k_BGTd[:, :, t - n :]
+        self.v_BGWd[:, :, ring] = v_BGTd[:, :, t - n :]
+        return k_BGLd, v_BGLd
+
+    @property
+    def values_per_token(self) -> int:
+        return 0  # a fixed-size ring: see window_values
+
+    @property
+    def window_values(self) -> int:
+        return self.window * self.k_BGWd.shape[1] * (self.k_BGWd.shape[3] + self.v_BGWd.shape[3])
+
+
 class LatentCache:
     """The normalised kv latent and the roped shared key of one latent-attention layer, ``[B, S, C + R]``.
 
@@ -75,15 +116,19 @@ class ModelCache:
         a = cfg.attention
         self.max_len, self.batch = max_len, batch
         if a.kind == "mla":
-            self.layers: list[KVCache | LatentCache] = [
+            self.layers: list[KVCache | SlidingKVCache | LatentCache] = [
                 LatentCache(batch, max_len, a.kv_lora_rank, a.qk_rope_head_dim, dtype, device)
                 for _ in range(cfg.n_layers)
             ]
         else:
             assert a.n_kv_heads is not None and a.head_dim is not None
             self.layers = [
-                KVCache(batch, a.n_kv_heads, max_len, a.head_dim, a.head_dim, dtype, device)
-                for _ in range(cfg.n_layers)
+                SlidingKVCache(
+                    batch, a.n_kv_heads, min(a.sliding_window, max_len), a.head_dim, a.head_dim, dtype, device
+                )
+                if a.is_sliding(i) and a.sliding_window is not None
+                else KVCache(batch, a.n_kv_heads, max_len, a.head_dim, a.head_dim, dtype, device)
+                for i in range(cfg.n_layers)
             ]
         self.length = 0
         self.valid_BS: Tensor | None = None
@@ -92,11 +137,26 @@ class ModelCache:
         self._real_B: Tensor | None = None  # real tokens per row in the last ``append``
 
     @property
-    def bytes_per_token(self) -> int:
-        """Bytes stored per cached token over all layers (one sequence)."""
+    def _value_size(self) -> int:
         first = self.layers[0]
-        size = (first.k_BGSd if isinstance(first, KVCache) else first.kv_BSX).element_size()
-        return sum(layer.values_per_token for layer in self.layers) * size
+        return (
+            first.kv_BSX
+            if isinstance(first, LatentCache)
+            else first.k_BGSd
+            if isinstance(first, KVCache)
+            else first.k_BGWd
+        ).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes stored per cached token over all layers (one sequence); sliding-window layers add
+        none (their fixed ring is ``window_bytes``)."""
+        return sum(layer.values_per_token for layer in self.layers) * self._value_size
+
+    @property
+    def window_bytes(self) -> int:
+        """Bytes the sliding-window layers' rings hold in all (one sequence), whatever its length."""
+        return sum(getattr(layer, "window_values", 0) for layer in self.layers) * self._value_size
 
     def append(self, mask_BT: Tensor | None, t: int) -> tuple[Tensor, Tensor | None]:
         """Register ``t`` new tokens (``mask_BT`` False at padding) and return their rotary positions

@@ -10,12 +10,14 @@ block itself never asks which process it runs in.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.layers.dispatch import LocalDispatcher
-from moekit.layers.experts import Experts, _swiglu
+from moekit.layers.experts import Experts, _swiglu, clamped_swiglu
 from moekit.layers.mlp import FeedForward
 from moekit.layers.router import Router, Routing
 
@@ -33,7 +35,10 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg, d_model, vocab_size)
-        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.expert_ffn_dim, bias=cfg.expert_bias)
+        act = None
+        if cfg.expert_activation == "clamped_swiglu":
+            act = functools.partial(clamped_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.expert_ffn_dim, bias=cfg.expert_bias, activation=act)
         self.dispatcher = LocalDispatcher()
         self.impl = impl
         if cfg.n_shared_experts:
@@ -64,7 +69,11 @@ class MoE(nn.Module):
         routing = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1), mask_T)
         routing.n_seqs = shape[0] if x_BTD.dim() == 3 else 1  # for the sequence-wise balance loss
         if self._impl == "reference":
-            y_TD = reference_routed(self.experts, x_TD, routing)
+            y_TD = reference_routed(self.experts, x_TD, routing, self.cfg.scale_expert_input)
+        elif self.cfg.scale_expert_input:
+            # Llama 4: sum_k expert_k(w_k x): the dispatcher scales the rows going in, combine just sums.
+            d = self.dispatcher.dispatch(x_TD, routing, scale_input=True)
+            y_TD = self.dispatcher.combine(self.experts(d.x_ND, d.counts_E), d)
         elif self.dispatcher.local and self.experts.resolved_impl(x_TD) == "fused":
             # The local fast path: gather, experts and gate-weighted scatter in one pass, no [N, D] rows.
             y_TD = self.dispatcher.fused(self.experts, x_TD, routing)
@@ -79,8 +88,9 @@ class MoE(nn.Module):
         return y_TD.view(shape), routing
 
 
-def reference_routed(ex: Experts, x_TD: Tensor, routing: Routing) -> Tensor:
-    """The obviously-correct masked loop over every expert (as many reference codes do)."""
+def reference_routed(ex: Experts, x_TD: Tensor, routing: Routing, scale_input: bool = False) -> Tensor:
+    """The obviously-correct masked loop over every expert (as many reference codes do).
+    ``scale_input``: the gate weight scales the expert's input instead of its output (Llama 4)."""
     out_TD = torch.zeros_like(x_TD)
     keep_TK = routing.keep_TK if routing.keep_TK is not None else torch.ones_like(routing.idx_TK, dtype=torch.bool)
     for e in range(ex.n_experts):
@@ -88,6 +98,12 @@ def reference_routed(ex: Experts, x_TD: Tensor, routing: Routing) -> Tensor:
         if tok.numel() == 0:
             continue
         bias = [None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2)]
-        y = _swiglu(x_TD[tok], ex.w1[e], ex.w3[e], ex.w2[e], *bias)
-        out_TD = out_TD.index_add(0, tok, y * routing.weights_TK[tok, slot, None].to(y.dtype))
+        w = routing.weights_TK[tok, slot, None].to(x_TD.dtype)
+        if scale_input:
+            out_TD = out_TD.index_add(
+                0, tok, _swiglu(x_TD[tok] * w, ex.w1[e], ex.w3[e], ex.w2[e], *bias, act=ex.activation)
+            )
+            continue
+        y = _swiglu(x_TD[tok], ex.w1[e], ex.w3[e], ex.w2[e], *bias, act=ex.activation)
+        out_TD = out_TD.index_add(0, tok, y * w)
     return out_TD

@@ -49,8 +49,10 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
         def correction_dim(n_rot: float) -> float:
             return (dim * math.log(base_len / (n_rot * 2 * math.pi))) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):  # gpt-oss: False, the ramp starts and ends between dims
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)

@@ -47,7 +47,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = build_attention(cfg.attention, cfg.d_model, cfg.norm_eps, rope)
+        self.attn = build_attention(cfg.attention, cfg.d_model, cfg.norm_eps, rope, layer_id)
         self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         if self.is_moe:

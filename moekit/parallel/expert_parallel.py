@@ -32,8 +32,8 @@ from moekit.layers.dispatch import (
     LocalDispatcher,
     combine,
     expert_major_order,
+    input_scaled,
     inverse_order,
-    permute,
     sort_by_expert,
 )
 from moekit.layers.router import Routing
@@ -105,7 +105,7 @@ class AllToAllDispatcher(LocalDispatcher):
         self.stats.calls += 1
         return y
 
-    def dispatch(self, x_TD: Tensor, routing: Routing) -> Dispatched:
+    def dispatch(self, x_TD: Tensor, routing: Routing, scale_input: bool = False) -> Dispatched:
         d = sort_by_expert(routing.idx_TK, self.n_experts, routing.keep_TK, routing.counts_E)
         r, n_local = self.ep_size, self.n_experts // self.ep_size
         counts_RL = torch.empty_like(d.counts_E)  # rows each source rank sends to each of my experts
@@ -113,11 +113,12 @@ class AllToAllDispatcher(LocalDispatcher):
         counts_RL = counts_RL.view(r, n_local)
         send = d.counts_E.view(r, n_local).sum(1).tolist()  # NOTE: the one host sync of the exchange
         recv = counts_RL.sum(1).tolist()
-        x_recv = self._exchange(permute(x_TD, d), recv, send)
+        x_sorted, weights_TK = input_scaled(x_TD, d, routing.weights_TK, scale_input)
+        x_recv = self._exchange(x_sorted, recv, send)
         perm_N = expert_major_order(counts_RL)
         x_ND = self.to_experts(x_recv.index_select(0, perm_N))
         extra = (send, recv, perm_N)
-        return Dispatched(x_ND, counts_RL.sum(0), d, routing.weights_TK, x_TD.shape[0], extra)
+        return Dispatched(x_ND, counts_RL.sum(0), d, weights_TK, x_TD.shape[0], extra)
 
     def combine(self, y_ND: Tensor, d: Dispatched) -> Tensor:
         send, recv, perm_N = d.extra

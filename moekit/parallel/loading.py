@@ -94,21 +94,30 @@ class LoadReport:
         return dict(self.__dict__)
 
 
-def _compose(prefix: tuple, sub: tuple, ndim: int) -> tuple:
-    """One index equal to ``t[prefix][sub]`` for a tensor of ``ndim`` dims (ints and unit-step
-    slices only), so the slice of a piece is read from the file in one go."""
+def _compose(piece: Piece, sub: tuple, shape: tuple[int, ...]) -> tuple:
+    """One index into the stored tensor (of ``shape``) equal to ``resolve(piece)[sub]`` before the
+    piece's transpose, so the slice of a piece is read from the file in one go. ``piece.index``
+    holds ints and slices (strided too: interleaved gate/up columns); ``sub`` ints and unit-step
+    slices, in the piece's own dim order (after its transpose)."""
+    prefix = (*piece.index, *[slice(None)] * (len(shape) - len(piece.index)))
+    n_out = sum(not isinstance(p, int) for p in prefix)
+    sub = [*sub, *[slice(None)] * (n_out - len(sub))]
+    if piece.transpose:
+        sub[-2], sub[-1] = sub[-1], sub[-2]
     out: list[int | slice] = []
     rest = iter(sub)
-    for p in (*prefix, *[slice(None)] * (ndim - len(prefix))):
+    for p, size in zip(prefix, shape, strict=True):
         if isinstance(p, int):
             out.append(p)
             continue
-        s = next(rest, slice(None))
-        base = p.start or 0
+        start, stop, step = p.indices(size)
+        s = next(rest)
         if isinstance(s, int):
-            out.append(base + s)
-        else:
-            out.append(slice(base + (s.start or 0), p.stop if s.stop is None else base + s.stop))
+            out.append(start + s * step)
+            continue
+        assert (s.step or 1) == 1, s
+        s_start, s_stop = s.start or 0, s.stop
+        out.append(slice(start + s_start * step, stop if s_stop is None else min(start + s_stop * step, size), step))
     return tuple(out)
 
 
@@ -140,7 +149,8 @@ class _Reader:
             if not piece.index and not sub:
                 t = f.get_tensor(piece.name)
             else:
-                t = f.get_slice(piece.name)[_compose(piece.index, sub, meta.dim())]
+                t = f.get_slice(piece.name)[_compose(piece, sub, tuple(meta.shape))]
+            t = t.transpose(-1, -2).contiguous() if piece.transpose else t
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"cannot read tensor {piece.name!r} from {path}: {e}") from None
         self.bytes_read += _nbytes(t)

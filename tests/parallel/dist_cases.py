@@ -72,6 +72,9 @@ SIGMOID = dict(
     aux_loss_coef=0.0,
     device_loss_coef=0.0,
 )
+# Llama 4's gate weights on the experts' input (through the dispatcher) with gpt-oss's clamped
+# SwiGLU (autograd, not the fused path's hand-written backward); a low limit so the clamp bites.
+LLAMA4_GPT_OSS = dict(SHARED, scale_expert_input=True, expert_activation="clamped_swiglu", swiglu_limit=0.5)
 # (name, layout, moe overrides, expert ids whose router bias is -100 so that no token picks them)
 CASES = {
     2: [
@@ -86,6 +89,8 @@ CASES = {
             dict(router="hash", aux_loss_coef=0.0, device_loss_coef=0.0, z_loss_coef=0.0),
             (),
         ),
+        ("dp2-ep2-input-scaled-clamped", Layout(dp=2, ep=2), LLAMA4_GPT_OSS, ()),
+        ("etp2-input-scaled-clamped", Layout(dp=1, etp=2), LLAMA4_GPT_OSS, ()),
         ("dp2-ep2-zero-token-expert", Layout(dp=2, ep=2), dict(router_bias=True), (0,)),
         ("dp2-ep2-zero-token-rank", Layout(dp=2, ep=2), dict(router_bias=True), (4, 5, 6, 7)),
     ],

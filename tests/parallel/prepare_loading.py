@@ -37,7 +37,21 @@ HF_CASES = {
         n_shared_experts=1, routed_scaling_factor=1.7, first_k_dense_replace=1, q_lora_rank=20, kv_lora_rank=14,
         qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=10, rope_interleave=True,
     ),
+    # Fused-only types (HFLayout.fused): gpt-oss's interleaved gate/up columns with expert biases
+    # (so etp is refused: ep layouts only), Llama 4's concatenated ones; [in, out] tensors.
+    "gpt_oss": dict(
+        model_type="gpt_oss", num_hidden_layers=2, num_key_value_heads=2, head_dim=8, intermediate_size=24,
+        num_local_experts=8, num_experts_per_tok=2, sliding_window=5, swiglu_limit=0.6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    ),
+    "llama4_text": dict(
+        model_type="llama4_text", num_hidden_layers=2, num_key_value_heads=2, head_dim=8, intermediate_size=24,
+        intermediate_size_mlp=40, num_local_experts=8, num_experts_per_tok=2, interleave_moe_layer_step=1,
+        no_rope_layer_interval=2, attention_chunk_size=5, use_qk_norm=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    ),
 }  # fmt: skip
+FUSED_ONLY = ("gpt_oss", "llama4_text")  # their checkpoints hold the fused tensors only: no "-fused" copy
 TRAIN_ARGS = (
     "train --preset tiny --set train.tokenizer=byte --set train.batch_size=4 --set train.seq_len=32 "
     "--set train.log_every=1 --set train.eval_every=4 --set train.eval_batches=2 --set train.warmup_steps=1 --quiet"
@@ -50,7 +64,8 @@ def build_hf(model_type: str, seed: int = 0):
     kw = dict(HF_CASES[model_type])
     kw.pop("model_type")
     torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(model_type, **COMMON, **kw)
+    common = {k: v for k, v in COMMON.items() if not (k == "rope_theta" and "rope_parameters" in kw)}
+    config = transformers.AutoConfig.for_model(model_type, **common, **kw)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = None
     hf = transformers.AutoModelForCausalLM.from_config(
         config, dtype=torch.float32, experts_implementation="eager"
@@ -69,19 +84,23 @@ def build_hf(model_type: str, seed: int = 0):
 
 def write_hf(root: Path) -> None:
     """Per type: the hub layout in several shard files (``save_pretrained``) and transformers 5's
-    fused in-memory layout (``gate_up_proj``/``down_proj``) in one file; transformers' logits."""
+    fused in-memory layout (``gate_up_proj``/``down_proj``) in one file (fused-only types: the hub
+    folder already is); transformers' logits."""
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
     for model_type in HF_CASES:
         hf = build_hf(model_type)
         hub, fused = root / "hf" / f"{model_type}-hub", root / "hf" / f"{model_type}-fused"
         hf.save_pretrained(hub, max_shard_size="40KB")
-        fused.mkdir(parents=True)
-        shutil.copy(hub / "config.json", fused / "config.json")
-        save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, fused / "model.safetensors")
+        folders = [hub]
+        if model_type not in FUSED_ONLY:
+            fused.mkdir(parents=True)
+            shutil.copy(hub / "config.json", fused / "config.json")
+            save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, fused / "model.safetensors")
+            folders.append(fused)
         with torch.no_grad():
             logits = hf(ids).logits
-        for name in (hub.name, fused.name):
-            torch.save({"ids": ids, "logits": logits}, root / "hf" / f"{name}.pt")
+        for folder in folders:
+            torch.save({"ids": ids, "logits": logits}, root / "hf" / f"{folder.name}.pt")
 
 
 def write_bad(root: Path) -> None:

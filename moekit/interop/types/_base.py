@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from moekit.errors import MoekitError
 
@@ -36,6 +36,14 @@ class HFLayout:
     # The type's router always has a selection bias (DeepSeek-V3's e_score_correction_bias), so
     # an export of a model without one writes zeros.
     selection_bias: bool = False
+    router: str = "gate"  # the router's module inside ``moe`` ("router" in gpt-oss, Llama 4)
+    dense: str = "mlp"  # the dense FFN's module in non-MoE layers ("feed_forward" in Llama 4)
+    # None: per-expert tensors (``expert`` names), as the hub writes them. Otherwise only
+    # transformers' fused tensors exist, ``experts.gate_up_proj [E, D, 2F]`` and
+    # ``experts.down_proj [E, F, D]`` (note: [in, out], unlike nn.Linear), with the gate and up
+    # columns "interleaved" (gpt-oss: gate at even, up at odd; plus ``_bias`` tensors ``[E, 2F]``,
+    # interleaved too, and ``[E, D]``) or "concat" (Llama 4: gate first, then up).
+    fused: Literal["interleaved", "concat"] | None = None
 
 
 GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
@@ -75,6 +83,8 @@ class ModelType:
     architectures: tuple[str, ...] = ()
     # Read from a sub-object (llama4's "text_config"); keys copied from the outer config.
     sub_config: str | None = None
+    # The type's attention honours rope's ``partial_rotary_factor`` (others refuse one != 1).
+    partial_rotary: bool = False
     notes: str = ""
 
     def __post_init__(self) -> None:

@@ -70,7 +70,7 @@ def rope(r: Reader) -> dict[str, Any]:
     theta = r.get("rope_theta", None)
     if isinstance(params, dict):
         theta = params.get("rope_theta", theta)
-        rest = {k: v for k, v in params.items() if k != "rope_theta"}
+        rest = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
         if scaling is None and rest.get("rope_type", rest.get("type", "default")) != "default":
             scaling = rest
     out: dict[str, Any] = {"rope_theta": float(theta) if theta is not None else 10000.0}
@@ -78,8 +78,18 @@ def rope(r: Reader) -> dict[str, Any]:
         if not isinstance(scaling, dict):
             raise ConfigError(f"{r.where}: 'rope_scaling' must be an object, got {scaling!r}")
         if scaling.get("rope_type", scaling.get("type")) != "default":
-            out["rope_scaling"] = dict(scaling)
+            out["rope_scaling"] = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
     return out
+
+
+def partial_rotary_factor(r: Reader, default: float = 1.0) -> float:
+    """The rotated share of each head: a top-level key (hub configs) or inside ``rope_parameters``."""
+    params = r.get("rope_parameters", None)
+    inner = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    v = r.get("partial_rotary_factor", default) if inner is None else inner
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{r.where}: 'partial_rotary_factor' must be a number, got {v!r}")
+    return float(v)
 
 
 def placement(n_layers: int, moe_ids: list[int]) -> dict[str, Any]:

@@ -9,19 +9,47 @@ legacy ``rope_theta``/``rope_scaling`` form, which every transformers release si
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.types._base import UnsupportedError
 
+# While ``mismatches`` runs a writer, ``require`` records every failed check here instead of raising.
+_FOUND: ContextVar[list[str] | None] = ContextVar("_FOUND", default=None)
+
 
 def require(ok: bool, field: str, value: Any, model_type: str, expected: str) -> None:
-    if not ok:
+    if ok:
+        return
+    found = _FOUND.get()
+    if found is None:
         raise UnsupportedError(f"{field}={value!r} cannot be written as model_type {model_type!r}: expected {expected}")
+    found.append(f"{field}={value!r} (expected {expected})")
 
 
-def common(cfg: ModelConfig, model_type: str, architecture: str) -> tuple[MoEConfig, dict[str, Any]]:
-    """Checks every supported type shares, and the keys every type writes."""
+def mismatches(write: Callable[[ModelConfig], dict[str, Any]], cfg: ModelConfig) -> list[str]:
+    """Every field of ``cfg`` that ``write``'s model type cannot express (empty: it can)."""
+    found: list[str] = []
+    token = _FOUND.set(found)
+    try:
+        write(cfg)
+    except UnsupportedError as e:  # a check that cannot go on (no MoE config at all)
+        found.append(str(e))
+    except (AssertionError, ArithmeticError, TypeError, ValueError) as e:  # a check past a failed one
+        if not found:
+            found.append(f"{type(e).__name__}: {e}")
+    finally:
+        _FOUND.reset(token)
+    return found
+
+
+def common(
+    cfg: ModelConfig, model_type: str, architecture: str, allow: tuple[str, ...] = ()
+) -> tuple[MoEConfig, dict[str, Any]]:
+    """Checks every supported type shares (but the fields in ``allow``, which the type's writer
+    checks itself), and the keys every type writes."""
     moe = cfg.moe
     if moe is None:
         raise UnsupportedError(f"moe is None: model_type {model_type!r} needs an MoE config")
@@ -34,10 +62,19 @@ def common(cfg: ModelConfig, model_type: str, architecture: str) -> tuple[MoECon
         ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is None, "None (dropless)"),
         ("moe.router_bias", moe.router_bias, not moe.router_bias, "False"),
         ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),
+        ("moe.expert_activation", moe.expert_activation, moe.expert_activation == "swiglu", "'swiglu'"),
+        ("attention.sliding_window", att.sliding_window, att.sliding_window is None, "None"),
+        ("attention.chunk_size", att.chunk_size, att.chunk_size is None, "None"),
+        ("attention.nope_layers", att.nope_layers, not att.nope_layers, "None"),
+        ("moe.scale_expert_input", moe.scale_expert_input, not moe.scale_expert_input, "False"),
     ]:
-        require(ok, field, value, model_type, expected)
-    if att.kind != "mla":
+        if field not in allow:
+            require(ok, field, value, model_type, expected)
+    if att.kind != "mla" and "attention.rope_interleave" not in allow:
         require(not att.rope_interleave, "attention.rope_interleave", True, model_type, "False")
+        if "attention.partial_rotary_factor" not in allow:
+            f = att.partial_rotary_factor
+            require(f == 1.0, "attention.partial_rotary_factor", f, model_type, "1.0")
     out: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,

@@ -1,17 +1,28 @@
 """DeepSeek-V2 / V2-Lite (``deepseek_v2``): multi-head latent attention (MLA) + DeepSeekMoE.
 
 ``read_mla`` is shared by the MLA family (deepseek_v3, kimi_k2, ...): the attention of the DeepSeek-V2
-paper §2.1.2 and the group-limited routing variants.
+paper §2.1.2 and the group-limited routing variants; ``write_mla`` writes the keys the family shares.
+
+Loading follows transformers' ``modeling_deepseek_v2.py``, the oracle for HF checkpoints: softmax
+scores, "greedy" top-k or "group_limited_greedy" (groups ranked by their best expert), weights
+times ``routed_scaling_factor`` and never renormalised (transformers ignores ``norm_topk_prob``,
+so moekit reads it as False), rotary pairs always interleaved (complex rotation), layer i MoE iff
+``i >= first_k_dense_replace`` (transformers ignores ``moe_layer_freq``, so loading refuses one != 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from moekit.config import ConfigError, ModelConfig, MoEConfig
-from moekit.interop.types._base import ModelType
+from moekit.interop.types._base import GATE_UP_DOWN, HFLayout, ModelType, refused
 from moekit.interop.types._reader import Reader, common, make, mlp_bias_unsupported, placement
+from moekit.interop.types._writer import common as write_common
+from moekit.interop.types._writer import require
 from moekit.interop.types.deepseek import deepseek_moe_fields, deepseek_moe_ids
+
+ARCHITECTURE = "DeepseekV2ForCausalLM"
 
 
 def read_mla(r: Reader, v3: bool = False) -> ModelConfig:
@@ -31,12 +42,14 @@ def read_mla(r: Reader, v3: bool = False) -> ModelConfig:
         "v_head_dim": r.int("v_head_dim"),
         "mla_bias": r.bool("attention_bias", False),
         # DeepSeek's checkpoints store rotary pairs interleaved (V2's complex rotary, V3's flag).
-        "rope_interleave": r.bool("rope_interleave", True),
+        "rope_interleave": r.bool("rope_interleave", True) if v3 else True,
         "rope_theta": base["attention"]["rope_theta"],
         "rope_scaling": base["attention"].get("rope_scaling"),
     }
     # transformers' DeepseekV3 always scores with a sigmoid, and configs it writes have no scoring_func.
     moe = deepseek_moe_fields(r, "sigmoid" if v3 else "softmax")
+    if not v3:
+        moe["norm_topk_prob"] = False  # transformers' DeepseekV2TopkRouter never renormalises
     method = r.get("topk_method", "noaux_tc" if v3 else "greedy")
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
         raise ConfigError(
@@ -74,4 +87,79 @@ def read_mla_v3(r: Reader) -> ModelConfig:
     return dataclasses.replace(cfg, moe=MoEConfig(**moe))
 
 
-DEEPSEEK_V2 = ModelType("deepseek_v2", read=read_mla)
+def write_mla(cfg: ModelConfig, mt: str, architecture: str) -> tuple[MoEConfig, dict[str, Any]]:
+    """The checks and keys DeepSeek-V2 and V3 share: MLA, dense layers first, ungated shared experts."""
+    moe, out = write_common(cfg, mt, architecture)
+    att = cfg.attention
+    require(att.kind == "mla", "attention.kind", att.kind, mt, "'mla'")
+    first = cfg.n_dense_layers
+    require(
+        cfg.moe_layer_ids == list(range(first, cfg.n_layers)),
+        "moe layers",
+        cfg.moe_layer_ids,
+        mt,
+        "dense layers first, then only MoE layers",
+    )
+    require(not moe.shared_expert_gate, "moe.shared_expert_gate", True, mt, "False")
+    assert moe.shared_ffn_dim is not None
+    shared_width = moe.n_shared_experts * moe.shared_ffn_dim
+    ok = moe.n_shared_experts > 0 and shared_width % moe.expert_ffn_dim == 0
+    multiple = f"a positive multiple of moe.expert_ffn_dim ({moe.expert_ffn_dim})"
+    require(ok, "moe.n_shared_experts * moe.shared_ffn_dim", shared_width, mt, multiple)
+    out.update(
+        num_key_value_heads=att.n_heads,
+        intermediate_size=cfg.dense_ffn_dim,
+        moe_intermediate_size=moe.expert_ffn_dim,
+        n_routed_experts=moe.n_routed_experts,
+        n_shared_experts=shared_width // moe.expert_ffn_dim,
+        first_k_dense_replace=first,
+        n_group=moe.n_group,
+        topk_group=moe.topk_group,
+        norm_topk_prob=moe.norm_topk_prob,
+        routed_scaling_factor=moe.routed_scaling_factor,
+        q_lora_rank=att.q_lora_rank,
+        kv_lora_rank=att.kv_lora_rank,
+        qk_nope_head_dim=att.qk_nope_head_dim,
+        qk_rope_head_dim=att.qk_rope_head_dim,
+        v_head_dim=att.v_head_dim,
+        attention_bias=att.mla_bias,
+    )
+    return moe, out
+
+
+def write(cfg: ModelConfig) -> dict[str, Any]:
+    mt = "deepseek_v2"
+    moe, out = write_mla(cfg, mt, ARCHITECTURE)
+    att = cfg.attention
+    require(att.rope_interleave, "attention.rope_interleave", False, mt, "True (V2 rotates interleaved pairs)")
+    require(moe.score_func == "softmax", "moe.score_func", moe.score_func, mt, "'softmax'")
+    require(not moe.norm_topk_prob, "moe.norm_topk_prob", True, mt, "False (transformers' V2 never renormalises)")
+    require(not moe.uses_selection_bias, "moe.selection_bias", True, mt, "False")
+    grouped = moe.n_group > 1
+    if grouped:
+        require(moe.group_score == "max", "moe.group_score", moe.group_score, mt, "'max' (group_limited_greedy)")
+    out.update(topk_method="group_limited_greedy" if grouped else "greedy", moe_layer_freq=1)
+    return out
+
+
+def refuse(d: dict[str, Any]) -> None:
+    """Settings DeepSeek's own code honours and transformers' DeepseekV2 ignores or cannot run."""
+    if d.get("moe_layer_freq", 1) != 1:
+        raise refused(d, "moe_layer_freq", "transformers' DeepSeek-V2 makes every layer after the dense ones MoE")
+    if d.get("scoring_func", "softmax") != "softmax":
+        raise refused(d, "scoring_func", "transformers' DeepSeek-V2 always scores with a softmax")
+    if d.get("topk_method", "greedy") == "noaux_tc":
+        raise refused(d, "topk_method", "transformers' DeepSeek-V2 has no e_score_correction_bias (use deepseek_v3)")
+    if d.get("n_shared_experts", 2) in (0, None):
+        raise refused(d, "n_shared_experts", "transformers builds a width-0 shared FFN that moekit does not have")
+
+
+DEEPSEEK_V2 = ModelType(
+    "deepseek_v2",
+    read=read_mla,
+    write=write,
+    architecture=ARCHITECTURE,
+    layout=HFLayout("mlp", GATE_UP_DOWN, shared="shared_experts"),
+    refuse=refuse,
+    claims=lambda cfg: cfg.attention.kind == "mla" and cfg.moe.score_func == "softmax",
+)

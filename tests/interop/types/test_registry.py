@@ -52,7 +52,18 @@ REGISTERED = {
     "skywork_moe",
     "xverse",
 }
-WRITABLE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+WRITABLE = {
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "dots1",
+    "glm4_moe",
+    "gpt_oss",
+    "llama4_text",
+}
 LOADABLE = WRITABLE | {"kimi_k2"}  # Kimi-K2 checkpoints have DeepSeek-V3's tensor names
 
 
@@ -93,16 +104,34 @@ GQA = dict(n_heads=4, n_kv_heads=2)
         (AttentionConfig(**GQA, qk_norm="head"), MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8), "qwen3_moe"),
         (AttentionConfig(**GQA, qk_norm="full"), MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8), "olmoe"),
         (
-            AttentionConfig(**GQA, qk_norm="head"),
+            AttentionConfig(**GQA),
             MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, shared_expert_gate=True),
             "qwen2_moe",
         ),
         (
             AttentionConfig(
+                n_heads=2,
+                kind="mla",
+                kv_lora_rank=8,
+                qk_nope_head_dim=4,
+                qk_rope_head_dim=4,
+                v_head_dim=4,
+                rope_interleave=True,
+            ),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, norm_topk_prob=False),
+            "deepseek_v2",
+        ),
+        (
+            AttentionConfig(
                 n_heads=2, kind="mla", kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4
             ),
-            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, score_func="sigmoid"),
             "deepseek_v3",
+        ),
+        (
+            AttentionConfig(**GQA, partial_rotary_factor=0.5),
+            MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=8, n_shared_experts=1, score_func="sigmoid"),
+            "glm4_moe",
         ),
     ],
 )
