@@ -48,7 +48,7 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-ROUTERS = ("topk", "switch", "noisy_topk", "hash", "expert_choice")
+ROUTERS = ("topk", "switch", "noisy_topk", "hash", "expert_choice", "sparsemixer")
 
 
 @dataclass
@@ -64,13 +64,15 @@ class AttentionConfig:
     # "head": RMSNorm(head_dim) shared by heads (Qwen3-MoE); "full": RMSNorm over the whole q and
     # k projections (OLMoE); "l2": parameter-free L2 norm per head (Llama 4).
     qk_norm: Literal["none", "head", "full", "l2"] = "none"
+    # The "head" q/k norm comes after the rotary embedding, not before it (Hunyuan-MoE).
+    qk_norm_after_rope: bool = False
     sinks: bool = False  # gpt-oss: one learned logit per head that soaks up attention mass
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # Hugging Face's rope_scaling dict, kept verbatim
     rope_interleave: bool = False  # DeepSeek-V3 checkpoints store rotary pairs interleaved
-    # Rotary covers the first dims of each q/k head, the rest pass through unrotated (GLM-4.5:
-    # 0.5). As in transformers, r = int(head_dim * factor) sets the frequencies (theta^(-2i/r),
-    # i < ceil(r/2)) and 2 * ceil(r/2) dims are rotated. GQA only; MLA has qk_rope_head_dim.
+    # Rotary covers the first dims of each q/k head, the rest pass through unrotated (GLM-4.5,
+    # MiniMax-M2: 0.5). As in transformers, r = int(head_dim * factor) sets the frequencies
+    # (theta^(-2i/r), i < ceil(r/2)) and 2 * ceil(r/2) dims are rotated. GQA only; MLA has qk_rope_head_dim.
     partial_rotary_factor: float = 1.0
     # Sliding-window attention (gpt-oss, Mistral): a query sees itself and the sliding_window - 1
     # slots before it, in the layers listed in sliding_layers (None: every layer). Their KV cache
@@ -95,6 +97,10 @@ class AttentionConfig:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     mla_bias: bool = False  # bias on q_a / kv_a / o projections (HF's attention_bias for MLA)
+    # The softmax's logit scale; None: 1 / sqrt(head_dim). Granite sets it (attention_multiplier).
+    softmax_scale: float | None = None
+    # Clamp the q, k and v projections to [-clip_qkv, clip_qkv] before rotary (DBRX); None: no clamp.
+    clip_qkv: float | None = None
 
     def validate(self, d_model: int) -> None:
         check_finite(self, "attention")
@@ -102,6 +108,16 @@ class AttentionConfig:
         check_choice("attention.kind", self.kind, ("gqa", "mla"))
         check_choice("attention.qk_norm", self.qk_norm, ("none", "head", "full", "l2"))
         check_positive("attention.rope_theta", self.rope_theta)
+        if self.softmax_scale is not None:
+            check_positive("attention.softmax_scale", self.softmax_scale)
+            if self.kind == "mla":
+                raise ConfigError("attention.softmax_scale is for kind='gqa' (latent attention derives its own)")
+        if self.qk_norm_after_rope and self.qk_norm != "head":
+            raise ConfigError("attention.qk_norm_after_rope needs attention.qk_norm='head'")
+        if self.clip_qkv is not None:
+            check_positive("attention.clip_qkv", self.clip_qkv)
+            if self.kind == "mla":
+                raise ConfigError("attention.clip_qkv is for kind='gqa'")
         if self.sliding_window is not None:
             check_positive("attention.sliding_window", self.sliding_window)
         elif self.sliding_layers is not None:
@@ -187,8 +203,9 @@ class MoEConfig:
     n_shared_experts: int = 0
     shared_ffn_dim: int | None = None  # width of each shared expert; None means expert_ffn_dim
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(d, 1)) scales the shared output
+    shared_expert_bias: bool = False  # ERNIE-4.5 (use_bias): the shared experts' projections have biases
     # Router -------------------------------------------------------------------------------
-    router: Literal["topk", "switch", "noisy_topk", "hash", "expert_choice"] = "topk"
+    router: Literal["topk", "switch", "noisy_topk", "hash", "expert_choice", "sparsemixer"] = "topk"
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     # softmax, then top-k, then renormalise == Mixtral's top-k of logits, then softmax.
     norm_topk_prob: bool = True
@@ -216,6 +233,9 @@ class MoEConfig:
     capacity_factor: float | None = None
     router_noise_std: float = 1.0  # noisy_topk: scale of the learned-noise term (training only)
     hash_seed: int = 0  # hash router: seed of its fixed random token id -> expert table
+    # sparsemixer (PhiMoE): a logit more than 2 * eps (relative) below the round's best is masked
+    # out of that round's softmax (HF's router_jitter_noise).
+    sparsemixer_eps: float = 0.01
     # Balancing coefficients (0 disables) ----------------------------------------------------
     # Switch/GShard E * sum_i f_i * P_i, which is also DeepSeekMoE's expert-level loss (alpha_1):
     # the two formulas coincide (see moekit.balancing.switch_aux_loss).
@@ -302,6 +322,17 @@ class MoEConfig:
                 raise ConfigError(f"moe.top_k must be 1 for router='switch' (top-1 routing), got {self.top_k}")
             if self.score_func != "softmax":
                 raise ConfigError("moe.score_func must be 'softmax' for router='switch'")
+        if self.router == "sparsemixer":
+            if self.top_k != 2:
+                raise ConfigError(
+                    f"moe.top_k must be 2 for router='sparsemixer' (two rounds of top-1), got {self.top_k}"
+                )
+            if self.score_func != "softmax" or self.n_group > 1 or self.uses_selection_bias:
+                raise ConfigError(
+                    "router='sparsemixer' needs moe.score_func='softmax', moe.n_group=1 and no selection bias"
+                )
+            if self.sparsemixer_eps < 0:
+                raise ConfigError(f"moe.sparsemixer_eps must be >= 0, got {self.sparsemixer_eps}")
         if self.router in ("hash", "expert_choice"):
             # Hash routing has no learned scores; expert choice ranks tokens per expert, so a
             # per-expert bias cannot change its choice, and groups do not apply.
@@ -336,11 +367,19 @@ class ModelConfig:
     attention: AttentionConfig
     dense_ffn_dim: int  # width of the dense FFN in non-MoE layers
     moe: MoEConfig | None = None  # None: a dense model
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm (with bias): PhiMoE
+    # layernorm (with bias): PhiMoE; layernorm_nobias: DBRX
+    norm: Literal["rmsnorm", "layernorm", "layernorm_nobias"] = "rmsnorm"
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     lm_head_bias: bool = False  # PhiMoE
+    dense_ffn_bias: bool = False  # ERNIE-4.5 (use_bias): the dense FFNs' projections have biases
     max_seq_len: int = 4096
+    # Granite's multipliers (all 1.0 elsewhere): the embeddings are multiplied by
+    # embedding_multiplier, each attention / FFN output by residual_multiplier before it joins the
+    # residual stream, and the logits are divided by logits_divisor (HF's logits_scaling).
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
     name: str = ""  # free text, for humans; never branched on
 
     def __post_init__(self) -> None:
@@ -352,9 +391,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         check_finite(self, "")
-        for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "norm_eps"):
+        for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "norm_eps", "embedding_multiplier"):
             check_positive(name, getattr(self, name))
-        check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
+        check_positive("residual_multiplier", self.residual_multiplier)
+        check_positive("logits_divisor", self.logits_divisor)
+        check_choice("norm", self.norm, ("rmsnorm", "layernorm", "layernorm_nobias"))
         if not isinstance(self.attention, AttentionConfig):
             raise ConfigError("attention must be an AttentionConfig (or a dict of its fields)")
         self.attention.validate(self.d_model)

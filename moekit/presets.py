@@ -345,7 +345,7 @@ PRESETS: dict[str, ModelConfig] = {
         n_layers=32,
         attention=AttentionConfig(n_heads=32, n_kv_heads=8, head_dim=128, qkv_bias=True, o_bias=True),
         dense_ffn_dim=6400,  # unused: every layer is MoE
-        moe=MoEConfig(n_routed_experts=16, top_k=2, expert_ffn_dim=6400),
+        moe=MoEConfig(n_routed_experts=16, top_k=2, expert_ffn_dim=6400, router="sparsemixer", sparsemixer_eps=0.01),
         norm="layernorm",
         norm_eps=1e-5,
         lm_head_bias=True,

@@ -137,6 +137,8 @@ def model_components(cfg: ModelConfig) -> list[Component]:
         shared: list[Term] = []
         if moe.n_shared_experts:
             shared += swiglu_terms(d, moe.shared_ffn_dim, n=moe.n_shared_experts)
+            if moe.shared_expert_bias:  # one fused FFN: gate and up biases per unit, one down bias
+                shared.append(Term("b1,b3,b2", (2 * moe.n_shared_experts * moe.shared_ffn_dim + d,), matmul=False))
             if moe.shared_expert_gate:
                 shared.append(Term("gate", (d,)))
         comps["shared_experts"] = Component("shared_experts", n_moe, moe_layers, tuple(shared))
@@ -147,9 +149,10 @@ def model_components(cfg: ModelConfig) -> list[Component]:
             tuple(expert_terms(d, moe)),
             active_count=n_moe * moe.top_k,
         )
-    comps["dense_ffn"] = Component(
-        "dense_ffn", n_dense, f"{n_dense} dense layers", tuple(swiglu_terms(d, cfg.dense_ffn_dim))
-    )
+    dense = swiglu_terms(d, cfg.dense_ffn_dim)
+    if cfg.dense_ffn_bias:
+        dense.append(Term("b1,b3,b2", (2 * cfg.dense_ffn_dim + d,), matmul=False))
+    comps["dense_ffn"] = Component("dense_ffn", n_dense, f"{n_dense} dense layers", tuple(dense))
     head: list[Term] = [] if cfg.tie_embeddings else [Term("vocab·d", (v, d))]
     if cfg.lm_head_bias:
         head.append(Term("bias", (v,), matmul=False))

@@ -4,9 +4,10 @@ The rules of each ``model_type`` live in its record in ``moekit.interop.types``;
 dispatches to them. A field that changes the parameter count and that ``ModelConfig`` cannot
 express raises ``ConfigError`` naming it (never a silently wrong count).
 
-Not represented, on purpose (they change behaviour, not parameters): PhiMoE's sparsemixer router,
-OLMoE's ``clip_qkv``. (Sliding-window and chunked layers, gpt-oss's clamped SwiGLU, Llama 4's NoPE
-layers and input-scaled routing are config settings, read by the types that load.) DeepSeek-V3's
+Not represented, on purpose (they change behaviour, not parameters): OLMoE's ``clip_qkv`` (its
+loader refuses it). (PhiMoE's sparsemixer router, DBRX's q/k/v clamp, Granite's multipliers,
+sliding-window and chunked layers, gpt-oss's clamped SwiGLU, Llama 4's NoPE layers and
+input-scaled routing are config settings, read by the types that load.) DeepSeek-V3's
 multi-token-prediction module (``num_nextn_predict_layers``) is not part of the model, as in
 transformers (the 671B total excludes it).
 """

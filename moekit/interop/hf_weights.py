@@ -10,7 +10,9 @@ Loading also accepts the fused layout transformers 5 uses in memory
 ``save_pretrained`` of transformers 5 writes the hub layout for the types it converts. Types
 whose checkpoints only ever hold fused tensors (gpt-oss, Llama 4: ``HFLayout.fused``) are read
 and written in their own ``[E, D, 2F]`` / ``[E, F, D]`` layout, gate and up interleaved or
-concatenated.
+concatenated. Types whose files differ from these names by more than the MoE module's name
+(DBRX's fused q/k/v, Granite's fused experts, renamed routers) rewrite them with their layout's
+``from_file`` / ``to_file``; the checks here see the standard names.
 
 Everything here works on meta tensors too, which is how shapes are checked without reading data.
 ``hf_sources`` says where each moekit tensor comes from (a ``Piece``: a checkpoint tensor and an
@@ -109,15 +111,25 @@ def expert_names(layer: int, n_experts: int, lay: HFLayout) -> list[tuple[str, s
 
 
 def to_hf_state_dict(
-    sd: Mapping[str, Tensor], cfg: ModelConfig, model_type: str, complete: bool = False
+    sd: Mapping[str, Tensor], cfg: ModelConfig, model_type: str, complete: bool = False, standard: bool = False
 ) -> dict[str, Tensor]:
     """moekit state dict -> hub-layout HF tensors (experts split; the tied head left out).
 
     ``complete`` adds what the HF model always has but ``cfg`` lacks (a zero selection bias).
     Split experts are views of the stacked weights; clone them before writing files that
-    refuse shared storage (safetensors does).
+    refuse shared storage (safetensors does). ``standard`` keeps the standard hub names of
+    ``HFLayout`` (not the type's own file layout, for types that have a ``to_file``).
     """
     lay = layout(model_type)
+    out = _standard_hf(sd, cfg, model_type, lay, complete)
+    if lay.to_file is not None and not standard:
+        out = lay.to_file(out, cfg)
+    return out
+
+
+def _standard_hf(
+    sd: Mapping[str, Tensor], cfg: ModelConfig, model_type: str, lay: HFLayout, complete: bool
+) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for name, t in sd.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -277,8 +289,10 @@ def hf_sources(
     """
     lay = layout(model_type)
     meta = meta_state_dict(cfg)
-    expected = to_hf_state_dict(meta, cfg, model_type)
+    expected = to_hf_state_dict(meta, cfg, model_type, standard=True)
     kept = {k: v for k, v in tensors.items() if not (ignore and ignore(k))}
+    if lay.from_file is not None:
+        kept = lay.from_file(kept, cfg)
     if cfg.tie_embeddings and "lm_head.weight" in kept and "lm_head.weight" not in expected:
         del kept["lm_head.weight"]
     pieces = _hub_pieces(kept, expected, cfg, lay)

@@ -261,8 +261,9 @@ def from_pretrained(
     """Load a Hugging Face or moekit checkpoint folder as a ``MoETransformer`` (in eval mode).
 
     Hugging Face model types: those whose record is ``loadable`` (``moekit.interop.types``: mixtral,
-    qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, gpt_oss, llama4_text, ...;
-    hub per-expert or transformers-5 fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of
+    qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, gpt_oss, llama4_text,
+    phimoe, granitemoe(shared), dbrx, ernie4_5_moe, minimax_m2, hunyuan_v1_moe; hub per-expert or
+    transformers-5 fused expert tensors). ``dtype`` None keeps the checkpoint's dtype (that of
     its embedding); buffers (the router's selection bias) stay fp32 as in transformers.
     ``device="meta"`` reads headers only. ``model.tokenizer`` is the folder's tokenizer or None.
     ``path`` may be a moekit training run directory: its newest checkpoint is loaded.

@@ -89,7 +89,7 @@ def chunk_mask(mask: Tensor | None, t: int, end: int, chunk: int, device: torch.
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with optional q/k norm, biases and attention sinks."""
+    """Grouped-query attention with optional q/k norm, biases, attention sinks and q/k/v clamping."""
 
     def __init__(
         self,
@@ -109,6 +109,7 @@ class Attention(nn.Module):
         self.temperature = (cfg.temperature_floor, cfg.temperature_scale) if cfg.temperature_tuning else None
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm = cfg.qk_norm
+        self.qk_norm_after_rope = cfg.qk_norm_after_rope
         q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(d_model, q_width, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d_model, kv_width, bias=cfg.qkv_bias)
@@ -124,7 +125,8 @@ class Attention(nn.Module):
         # < head_dim: partial rotary (GLM-4.5), the rest passes through; 2 * ceil(r / 2) as in transformers
         self.rotary_width = 2 * ((cfg.rotary_dim + 1) // 2)
         self.interleaved = cfg.rope_interleave
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.scale = cfg.softmax_scale if cfg.softmax_scale is not None else 1.0 / math.sqrt(cfg.head_dim)
+        self.clip_qkv = cfg.clip_qkv
 
     def forward(
         self,
@@ -137,11 +139,13 @@ class Attention(nn.Module):
         """``positions_T``: ``[T]`` or ``[B, T]``; ``cache``: this layer's, new tokens stored at ``offset``."""
         b, t, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        if self.clip_qkv is not None:  # DBRX
+            q, k, v = (p.clamp(-self.clip_qkv, self.clip_qkv) for p in (q, k, v))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BTHd = q.view(b, t, self.n_heads, self.head_dim)
         k_BTGd = k.view(b, t, self.n_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.qk_norm_after_rope:
             q_BTHd, k_BTGd = self.q_norm(q_BTHd), self.k_norm(k_BTGd)
         q_BHTd, k_BGTd = q_BTHd.transpose(1, 2), k_BTGd.transpose(1, 2)
         v_BGTd = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -158,6 +162,8 @@ class Attention(nn.Module):
             floor, scale = self.temperature
             slots_T = torch.arange(offset, offset + t, device=x_BTD.device, dtype=torch.float32)
             q_BHTd = q_BHTd * (torch.log1p(torch.floor((slots_T + 1) / floor)) * scale + 1).to(q_BHTd.dtype)[:, None]
+        if self.qk_norm_after_rope:  # Hunyuan-MoE: the per-head norms see rotated q/k
+            q_BHTd, k_BGTd = self.q_norm(q_BHTd), self.k_norm(k_BGTd)
         # L keys after the cache update (a window's worth if the layer slides)
         k_BGLd, v_BGLd = (k_BGTd, v_BGTd) if cache is None else cache.update(k_BGTd, v_BGTd, offset)
         if self.window is not None:

@@ -43,7 +43,8 @@ class MoE(nn.Module):
         self.impl = impl
         if cfg.n_shared_experts:
             assert cfg.shared_ffn_dim is not None
-            self.shared_experts = FeedForward(d_model, cfg.n_shared_experts * cfg.shared_ffn_dim)
+            width = cfg.n_shared_experts * cfg.shared_ffn_dim
+            self.shared_experts = FeedForward(d_model, width, bias=cfg.shared_expert_bias)
             self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
         else:
             self.shared_experts = self.shared_gate = None

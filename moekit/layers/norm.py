@@ -1,4 +1,4 @@
-"""Normalisation layers: RMSNorm (most MoE LMs) or LayerNorm with bias (PhiMoE)."""
+"""Normalisation layers: RMSNorm (most MoE LMs), LayerNorm with bias (PhiMoE) or without (DBRX)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from torch import nn
 
 
 def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    """``nn.RMSNorm`` or ``nn.LayerNorm`` (with bias) over the last ``dim`` features."""
+    """``nn.RMSNorm`` or ``nn.LayerNorm`` (with or without bias) over the last ``dim`` features."""
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
+    if kind == "layernorm_nobias":
+        return nn.LayerNorm(dim, eps=eps, bias=False)
     raise ValueError(f"unknown norm kind {kind!r}")

@@ -24,7 +24,12 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
     """Inverse frequencies ``[R/2]`` and the factor cos/sin are multiplied by.
 
     Supports no scaling, "linear", "llama3" (Llama 3/4: low frequencies divided by ``factor``,
-    high ones kept, a smooth ramp between) and "yarn" (DeepSeek-V3, gpt-oss; Peng et al. 2023).
+    high ones kept, a smooth ramp between), "yarn" (DeepSeek-V3, gpt-oss; Peng et al. 2023) and
+    "longrope" (Phi-3.5; Ding et al. 2024: one rescale factor per frequency). For longrope these
+    are its ``short_factor`` frequencies, which transformers 5's PhiMoE uses at every length (its
+    ``long_factor`` never reaches the rotary embedding); the factor is ``short_mscale`` when given
+    (``RotaryEmbedding`` switches to ``long_mscale`` past ``original_max_position_embeddings``),
+    else ``attention_factor``, else LongRoPE's ``sqrt(1 + ln(factor) / ln(original))``.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -66,7 +71,24 @@ def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None) -> 
             else:
                 attention_factor = yarn_mscale(factor)
         return inv_freq.float(), float(attention_factor)
-    raise ConfigError(f"attention.rope_scaling type {kind!r} is not supported (expected linear, llama3 or yarn)")
+    if kind == "longrope":
+        short = scaling.get("short_factor")
+        base_len = scaling.get("original_max_position_embeddings")
+        if not isinstance(short, list) or len(short) != dim // 2 or base_len is None:
+            raise ConfigError(
+                f"attention.rope_scaling (longrope) needs a short_factor list of {dim // 2} numbers "
+                "and original_max_position_embeddings"
+            )
+        inv_freq = inv_freq / torch.tensor(short, dtype=torch.float64, device="cpu")
+        if scaling.get("short_mscale") is not None:
+            return inv_freq.float(), float(scaling["short_mscale"])
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(base_len))
+        return inv_freq.float(), float(attention_factor)
+    raise ConfigError(
+        f"attention.rope_scaling type {kind!r} is not supported (expected linear, llama3, yarn or longrope)"
+    )
 
 
 class RotaryEmbedding(nn.Module):
@@ -83,6 +105,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim, self.theta, self.scaling, self.max_positions = dim, theta, scaling, max_positions
         self.inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
+        # PhiMoE's LongRoPE: cos/sin times long_mscale / short_mscale when the pass reaches past
+        # original_max_position_embeddings (transformers decides per forward call, as here).
+        self.long_switch: tuple[int, float] | None = None
+        sc = scaling or {}
+        if sc.get("rope_type", sc.get("type")) == "longrope" and sc.get("long_mscale") is not None:
+            ratio = float(sc["long_mscale"]) / self.attention_factor
+            if ratio != 1.0:
+                self.long_switch = (int(sc["original_max_position_embeddings"]), ratio)
         self._table: tuple[Tensor, Tensor] | None = None  # cos_SR, sin_SR
         self._memo: tuple[Tensor, tuple[Tensor, Tensor]] | None = None
 
@@ -105,6 +135,8 @@ class RotaryEmbedding(nn.Module):
         cos, sin = cos_SR[positions], sin_SR[positions]
         if positions.dim() == 2:  # [B, T, R] -> [B, 1, T, R]
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if self.long_switch is not None and int(positions.max()) + 1 > self.long_switch[0]:
+            cos, sin = cos * self.long_switch[1], sin * self.long_switch[1]
         self._memo = (positions, (cos, sin))
         return cos, sin
 

@@ -17,6 +17,12 @@ of hash routing); ``MoEConfig.router`` picks the rule, each a pure function belo
   softmax + renormalise this is the paper's ``softmax(KeepTopK(H(x), k))``.
 - "hash": Roller et al. 2021, a fixed random table token id -> K distinct experts (seeded by
   ``hash_seed``), weights 1/K (1.0 for the paper's K = 1); no learned gate, so no logits.
+- "sparsemixer": PhiMoE's top-2 (Liu et al. 2024, GRIN / Phi-3.5-MoE) as transformers runs it in
+  inference: two rounds of top-1 over the logits. Round one picks the best expert; its weight is
+  its softmax probability among the experts whose logit is within a relative ``2 * eps`` of the
+  best, ``(best - l) / max(|l|, best) <= 2 * eps``. Round two does the same without the first
+  expert. The training-time Gumbel sampling and Heun gradient estimator are not reproduced:
+  training uses the same deterministic choice, with gradients through the masked softmaxes.
 - "expert_choice": Zhou et al. 2022, every expert takes its C best tokens by softmax/sigmoid score,
   C = ceil(T * capacity_factor / E) with ``capacity_factor`` None meaning ``top_k`` (the same
   compute as token-choice top-k). A token gets 0..E experts. NOT CAUSAL: which tokens an expert
@@ -105,6 +111,21 @@ def topk_route(
     if normalize:
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
     return idx_TK, weights_TK * scaling
+
+
+def sparsemixer_route(logits_TE: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """PhiMoE's inference routing: ``(idx_TK, weights_TK)`` with K = 2, from the raw logits."""
+    idx, weights = [], []
+    remaining_TE = logits_TE
+    for _ in range(2):
+        best_T1, idx_T1 = remaining_TE.max(dim=-1, keepdim=True)
+        with torch.no_grad():  # relative distance of every logit below the round's best
+            far_TE = (best_T1 - logits_TE) / logits_TE.abs().clamp(min=best_T1) > 2 * eps
+        probs_TE = remaining_TE.masked_fill(far_TE, float("-inf")).softmax(dim=-1)
+        idx.append(idx_T1)
+        weights.append(probs_TE.gather(1, idx_T1))
+        remaining_TE = remaining_TE.scatter(1, idx_T1, float("-inf"))
+    return torch.cat(idx, dim=1), torch.cat(weights, dim=1)
 
 
 def token_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -229,6 +250,11 @@ class Router(nn.Module):
                 weights_TE = weights_TE * keep_TE
             counts_E = keep_TE.sum(dim=0)
             return Routing(logits_TE, scores_TE, idx_TE, weights_TE, counts_E, keep_TE, keep_TE, capacity)
+        if cfg.router == "sparsemixer":
+            idx_TK, weights_TK = sparsemixer_route(logits_TE, cfg.sparsemixer_eps)
+            return self._token_choice(
+                logits_TE, scores_TE, idx_TK, weights_TK * cfg.routed_scaling_factor, token_mask_T
+            )
         idx_TK, weights_TK = topk_route(
             scores_TE,
             self.top_k,

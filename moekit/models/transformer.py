@@ -1,6 +1,7 @@
 """The decoder-only causal LM, built only from ``moekit.layers``.
 
-embed -> [RMSNorm -> attention -> + -> RMSNorm -> dense FFN or MoE -> +] x L -> norm -> head.
+embed -> [RMSNorm -> attention -> + -> RMSNorm -> dense FFN or MoE -> +] x L -> norm -> head
+(Granite's multipliers, when set, scale the embeddings, each branch before its +, and the logits).
 A forward pass can extend a ``ModelCache`` (incremental decoding) and take an attention mask that
 marks padding (left-padded batches); generation itself lives in ``moekit.models.generation``.
 Shapes: B batch, T tokens, D width, V vocabulary, L filled cache slots.
@@ -46,6 +47,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, rope: RotaryEmbedding | None = None):
         super().__init__()
         self.layer_id = layer_id
+        self.residual_multiplier = cfg.residual_multiplier
         self.attn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.attn = build_attention(cfg.attention, cfg.d_model, cfg.norm_eps, rope, layer_id)
         self.ffn_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
@@ -54,7 +56,7 @@ class Block(nn.Module):
             assert cfg.moe is not None
             self.ffn: nn.Module = MoE(cfg.moe, cfg.d_model, vocab_size=cfg.vocab_size)
         else:
-            self.ffn = FeedForward(cfg.d_model, cfg.dense_ffn_dim)
+            self.ffn = FeedForward(cfg.d_model, cfg.dense_ffn_dim, bias=cfg.dense_ffn_bias)
 
     def forward(
         self,
@@ -69,12 +71,16 @@ class Block(nn.Module):
         (False at padding) keeps padding out of the router's counts and capacity."""
         layer_cache = None if cache is None else cache.layers[self.layer_id]
         offset = 0 if cache is None else cache.length
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T, layer_cache, offset, mask)
+        m = self.residual_multiplier
+        attn_BTD = self.attn(self.attn_norm(x_BTD), positions_T, layer_cache, offset, mask)
+        x_BTD = x_BTD + (attn_BTD if m == 1.0 else attn_BTD * m)
         h_BTD = self.ffn_norm(x_BTD)
+        routing = None
         if self.is_moe:
             y_BTD, routing = self.ffn(h_BTD, token_ids_BT, token_mask_BT)
-            return x_BTD + y_BTD, routing
-        return x_BTD + self.ffn(h_BTD), None
+        else:
+            y_BTD = self.ffn(h_BTD)
+        return x_BTD + (y_BTD if m == 1.0 else y_BTD * m), routing
 
 
 class MoETransformer(nn.Module):
@@ -163,6 +169,8 @@ class MoETransformer(nn.Module):
         else:
             positions, mask = torch.arange(t, device=input_ids.device), None
         x_BTD = self.embed(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            x_BTD = x_BTD * self.config.embedding_multiplier
         routings, moe_ids = [], []
         for block in self.layers:
             x_BTD, routing = block(x_BTD, positions, input_ids, cache, mask, token_mask_BT)
@@ -172,6 +180,8 @@ class MoETransformer(nn.Module):
         if cache is not None:
             cache.advance(t)
         logits_BTV = self.lm_head(self.norm(x_BTD))
+        if self.config.logits_divisor != 1.0:
+            logits_BTV = logits_BTV / self.config.logits_divisor
         loss = None
         if labels is not None:
             loss = F.cross_entropy(

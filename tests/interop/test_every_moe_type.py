@@ -55,6 +55,9 @@ OVERRIDES: dict[str, dict] = {
     "dots1": dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1),
     "dots3_note_text": dict(num_key_value_heads=4),
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2),
+    # PhiMoE's sparsemixer routes to two experts whatever num_experts_per_tok says (transformers'
+    # too); the module-tree count takes the config's top-k, so the cross-check needs the true one.
+    "phimoe": dict(num_experts_per_tok=2),
     # Gemma 4 and Doge are dense unless asked for their MoE blocks.
     "gemma4_text": dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
     "doge": dict(is_moe=True, num_experts=16, num_experts_per_tok=2),

@@ -127,6 +127,36 @@ SMALL = {
     "phimoe": dict(
         BASE, model_type="phimoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True
     ),
+    "dbrx": dict(
+        model_type="dbrx",
+        vocab_size=101,
+        d_model=64,
+        n_heads=4,
+        n_layers=3,
+        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=5e5),
+        ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2),
+    ),
+    "ernie4_5_moe": dict(
+        BASE,
+        model_type="ernie4_5_moe",
+        moe_num_experts=6,
+        moe_k=2,
+        moe_intermediate_size=16,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_interval=2,
+        use_bias=True,
+    ),
+    "granitemoe": dict(BASE, model_type="granitemoe", num_local_experts=4, num_experts_per_tok=2, attention_bias=True),
+    "granitemoeshared": dict(
+        BASE, model_type="granitemoeshared", num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40
+    ),
+    "hunyuan_v1_moe": dict(
+        BASE, model_type="hunyuan_v1_moe", head_dim=24, num_experts=6, moe_topk=2, attention_bias=True
+    ),
+    "minimax_m2": dict(
+        BASE, model_type="minimax_m2", head_dim=24, rotary_dim=12, num_local_experts=6, num_experts_per_tok=2
+    ),
     "llama4_text": dict(
         BASE,
         model_type="llama4_text",
@@ -149,7 +179,9 @@ def transformers_count(d: dict) -> int:
     cfg = transformers.AutoConfig.for_model(**d)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
-    return sum(p.numel() for p in model.parameters())
+    # Frozen parameters are statistics, not weights: ERNIE-4.5 keeps its selection bias
+    # (e_score_correction_bias, requires_grad=False) as a Parameter where DeepSeek-V3 has a buffer.
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("model_type", sorted(SMALL))
@@ -338,6 +370,7 @@ def test_rope_from_transformers5_rope_parameters():
         (dict(SMALL["deepseek_v3"], scoring_func="relu"), "'scoring_func'"),
         (dict(SMALL["olmoe"], head_dim=8), "'head_dim'"),
         (dict(SMALL["qwen3_moe"], mlp_only_layers="2"), "'mlp_only_layers'"),
+        (dict(SMALL["hunyuan_v1_moe"], moe_topk=[2, 2, 1, 2]), r"'moe_topk' = \[2, 2, 1, 2\] is not supported"),
     ],
 )
 def test_unrepresentable_or_malformed_configs_raise(d, match):
@@ -395,10 +428,8 @@ def _write(path: Path, text: str) -> str:
     return str(path)
 
 
-# kimi_k2 is not in transformers; transformers 5.24 cannot build its own default hunyuan_v1_moe config.
-@pytest.mark.parametrize(
-    "model_type", sorted(set(SUPPORTED_MODEL_TYPES) - {"deepseek", "llama4", "kimi_k2", "hunyuan_v1_moe"})
-)
+# kimi_k2 is not in transformers.
+@pytest.mark.parametrize("model_type", sorted(set(SUPPORTED_MODEL_TYPES) - {"deepseek", "llama4", "kimi_k2"}))
 def test_configs_written_by_transformers5(model_type):
     """transformers 5 writes ``rope_parameters`` instead of rope_theta / rope_scaling and renames
     some keys (qwen3_moe's num_local_experts); its own defaults, saved and parsed, still count
@@ -409,5 +440,9 @@ def test_configs_written_by_transformers5(model_type):
         kw.update(num_experts_per_tok=2, first_k_dense_replace=1)
     if model_type == "dots1":  # its defaults leave the experts unset
         kw.update(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1)
+    if model_type == "dbrx":  # its attention reads attn_config.rope_theta, which has no default
+        kw.update(attn_config={"rope_theta": 5e5})
+    if model_type == "hunyuan_v1_moe":  # its attention reads config.head_dim, which defaults to None
+        kw.update(head_dim=128)
     written = json.loads(transformers.AutoConfig.for_model(model_type, **kw).to_json_string())
     assert count_params(config_from_hf(written)).total == transformers_count(written)

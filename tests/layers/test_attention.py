@@ -13,6 +13,7 @@ import torch
 from moekit.config import AttentionConfig
 from moekit.layers.attention import Attention, LatentAttention, causal_attention
 from moekit.layers.kv_cache import KVCache, LatentCache, padded_causal_mask
+from moekit.layers.rope import apply_rope
 
 MLA = dict(kind="mla", q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8)
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -23,6 +24,8 @@ GQA_CASES = {
     "l2_llama3": dict(n_heads=4, n_kv_heads=1, qk_norm="l2", rope_scaling=LLAMA3),
     "head_norm": dict(n_heads=3, n_kv_heads=3, head_dim=10, qk_norm="head"),
     "full_norm_yarn": dict(n_heads=4, n_kv_heads=4, qk_norm="full", rope_scaling=YARN),
+    "partial_rotary_full_norm": dict(n_heads=4, n_kv_heads=2, qk_norm="full", partial_rotary_factor=0.5),
+    "head_norm_after_rope": dict(n_heads=4, n_kv_heads=1, qk_norm="head", qk_norm_after_rope=True),
 }
 
 
@@ -152,3 +155,83 @@ def test_latent_cache_holds_only_the_compressed_rows():
     assert cache.values_per_token == 10 + 4
     latent = attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(x)[..., :10])
     torch.testing.assert_close(cache.kv_BSX[..., :10], latent)
+
+
+def test_softmax_scale_replaces_one_over_sqrt_head_dim():
+    """Granite's attention_multiplier: scale s is the default scale with q multiplied by s * sqrt(d)."""
+    torch.manual_seed(0)
+    cfg = AttentionConfig(n_heads=4, n_kv_heads=2, qkv_bias=True, softmax_scale=0.9)
+    cfg.validate(16)
+    scaled = randomize(Attention(cfg, 16, 1e-6)).double()
+    plain_cfg = AttentionConfig(n_heads=4, n_kv_heads=2, qkv_bias=True)
+    plain_cfg.validate(16)
+    plain = Attention(plain_cfg, 16, 1e-6).double()
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        plain.q_proj.weight.mul_(0.9 * 4**0.5)
+        plain.q_proj.bias.mul_(0.9 * 4**0.5)
+    x = torch.randn(2, 5, 16).double()
+    torch.testing.assert_close(scaled(x, torch.arange(5)), plain(x, torch.arange(5)), rtol=1e-12, atol=1e-12)
+    assert (scaled(x, torch.arange(5)) - Attention(plain_cfg, 16, 1e-6).double()(x, torch.arange(5))).abs().max() > 0
+
+
+def test_clip_qkv_clamps_the_projections_before_rotary():
+    """DBRX's clip_qkv: the same as the unclipped layer with its q/k/v outputs clamped (hooks)."""
+    torch.manual_seed(0)
+    cfg = AttentionConfig(n_heads=4, n_kv_heads=2, clip_qkv=0.5)
+    cfg.validate(16)
+    clipped = randomize(Attention(cfg, 16, 1e-6), std=0.5).double()
+    plain_cfg = AttentionConfig(n_heads=4, n_kv_heads=2)
+    plain_cfg.validate(16)
+    plain = Attention(plain_cfg, 16, 1e-6).double()
+    plain.load_state_dict(clipped.state_dict())
+    x = torch.randn(2, 6, 16).double()
+    unclamped = plain(x, torch.arange(6))
+    for proj in (plain.q_proj, plain.k_proj, plain.v_proj):
+        proj.register_forward_hook(lambda _m, _i, out: out.clamp(-0.5, 0.5))
+    torch.testing.assert_close(clipped(x, torch.arange(6)), plain(x, torch.arange(6)), rtol=1e-12, atol=1e-12)
+    assert (clipped(x, torch.arange(6)) - unclamped).abs().max() > 1e-3  # the clamp bites
+
+
+def test_head_qk_norm_after_rope_matches_reference():
+    """Hunyuan-MoE: RMSNorm(head_dim) with its weight applied to the rotated q and k."""
+    torch.manual_seed(0)
+    cfg = AttentionConfig(n_heads=4, n_kv_heads=2, qk_norm="head", qk_norm_after_rope=True, rope_theta=100.0)
+    cfg.validate(16)
+    attn = randomize(Attention(cfg, 16, 1e-6)).double()
+    x, pos = torch.randn(1, 5, 16).double(), torch.arange(5)
+    q = attn.q_proj(x).view(1, 5, 4, 4).transpose(1, 2)
+    k = attn.k_proj(x).view(1, 5, 2, 4).transpose(1, 2)
+    v = attn.v_proj(x).view(1, 5, 2, 4).transpose(1, 2)
+    cos, sin = attn.rope(pos)
+    q, k = apply_rope(q, cos.double(), sin.double()), apply_rope(k, cos.double(), sin.double())
+
+    def rms(t, w):
+        return w * t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+
+    q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    ref = attn.o_proj(reference_attention(q, k, v, 0.5).transpose(1, 2).reshape(1, 5, 16))
+    torch.testing.assert_close(attn(x, pos), ref, rtol=1e-10, atol=1e-10)
+    before = Attention(AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=4, qk_norm="head", rope_theta=100.0), 16, 1e-6)
+    before.load_state_dict(attn.state_dict())
+    assert (before.double()(x, pos) - ref).abs().max() > 1e-6  # the order matters
+
+
+def test_partial_rotary_rotates_only_the_first_dims():
+    """MiniMax-M2: rotary of width int(head_dim * factor) on the first dims; the rest pass through."""
+    torch.manual_seed(0)
+    cfg = AttentionConfig(n_heads=2, n_kv_heads=1, head_dim=8, partial_rotary_factor=0.5, rope_theta=100.0)
+    cfg.validate(12)
+    attn = randomize(Attention(cfg, 12, 1e-6)).double()
+    assert attn.rope.dim == 4
+    x, pos = torch.randn(1, 6, 12).double(), torch.arange(6)
+    q = attn.q_proj(x).view(1, 6, 2, 8).transpose(1, 2)
+    k = attn.k_proj(x).view(1, 6, 1, 8).transpose(1, 2)
+    v = attn.v_proj(x).view(1, 6, 1, 8).transpose(1, 2)
+    cos, sin = attn.rope(pos)
+
+    def rotate(t):
+        return torch.cat([apply_rope(t[..., :4], cos.double(), sin.double()), t[..., 4:]], dim=-1)
+
+    ref = attn.o_proj(reference_attention(rotate(q), rotate(k), v, 8**-0.5).transpose(1, 2).reshape(1, 6, 16))
+    torch.testing.assert_close(attn(x, pos), ref, rtol=1e-10, atol=1e-10)

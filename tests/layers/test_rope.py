@@ -75,3 +75,32 @@ def test_scaled_frequencies_match_transformers(scaling):
 def test_unknown_scaling_names_the_field():
     with pytest.raises(ConfigError, match="rope_scaling"):
         rope_frequencies(8, 10000.0, {"rope_type": "dynamic-ntk-by-magic", "factor": 2.0})
+
+
+def test_phimoe_longrope_matches_transformers_on_both_sides_of_the_original_length():
+    """Short-factor frequencies at every length; short_mscale up to original_max_position_embeddings
+    positions in a pass, long_mscale past it (transformers 5's PhimoeRotaryEmbedding)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.phimoe.modeling_phimoe import PhimoeRotaryEmbedding
+
+    scaling = {
+        "rope_type": "longrope",
+        "original_max_position_embeddings": 8,
+        "short_factor": [1.0, 1.5, 2.0, 4.0],
+        "long_factor": [1.0, 3.0, 7.0, 20.0],
+        "short_mscale": 1.1,
+        "long_mscale": 1.3,
+    }
+    cfg = transformers.PhimoeConfig(
+        hidden_size=16,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={**scaling, "rope_theta": 500.0},
+    )
+    theirs, ours = PhimoeRotaryEmbedding(cfg), RotaryEmbedding(8, 500.0, scaling, 64)
+    for n in (6, 8, 20):
+        positions = torch.arange(n)
+        cos, sin = theirs(torch.zeros(1), positions[None])
+        got = ours(positions)
+        torch.testing.assert_close(got[0], cos[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], sin[0], rtol=1e-6, atol=1e-6)

@@ -164,6 +164,52 @@ def test_switch_config_is_top1_softmax():
         MoEConfig(n_routed_experts=4, top_k=1, expert_ffn_dim=4, router="switch", score_func="sigmoid")
 
 
+def sparsemixer_per_token(logits: list[float], eps: float) -> tuple[list[int], list[float]]:
+    """PhiMoE's inference rule for one token, from its description (two rounds of top-1)."""
+    idx, weights, out = [], [], set()
+    for _ in range(2):
+        best = max(v for j, v in enumerate(logits) if j not in out)
+        j_best = next(j for j, v in enumerate(logits) if j not in out and v == best)
+        near = [j for j, v in enumerate(logits) if j not in out and (best - v) / max(abs(v), best) <= 2 * eps]
+        z = sum(math.exp(logits[j]) for j in near)
+        idx.append(j_best)
+        weights.append(math.exp(logits[j_best]) / z)
+        out.add(j_best)
+    return idx, weights
+
+
+def test_sparsemixer_worked_example():
+    """logits (3, 2.9, 1, -1), eps 0.05: round one keeps 3 and 2.9 (0.1 / 3 <= 0.1), weight
+    sigmoid(0.1); round two, without expert 0, keeps 2.9 alone: weight 1."""
+    router, _ = make_router(1, 4, 4, 2, 0, router="sparsemixer", sparsemixer_eps=0.05)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.diag(torch.ones(4)))
+    r = router(torch.tensor([[3.0, 2.9, 1.0, -1.0]]))
+    assert r.idx_TK.tolist() == [[0, 1]]
+    torch.testing.assert_close(r.weights_TK, torch.tensor([[1 / (1 + math.exp(-0.1)), 1.0]]))
+
+
+@FAST
+@given(shapes(), st.floats(0.0, 0.5))
+def test_sparsemixer_matches_per_token_definition(shape, eps):
+    t, d, e, _, seed = shape
+    if e < 2:
+        return
+    router, x = make_router(t, d, e, 2, seed, router="sparsemixer", sparsemixer_eps=eps)
+    r = router(x)
+    for row, logits in enumerate(r.logits_TE.tolist()):
+        idx, weights = sparsemixer_per_token(logits, eps)
+        assert r.idx_TK[row].tolist() == idx
+        torch.testing.assert_close(r.weights_TK[row], torch.tensor(weights), rtol=1e-5, atol=1e-6)
+
+
+def test_sparsemixer_config_is_top2_softmax():
+    with pytest.raises(ConfigError, match="moe.top_k must be 2"):
+        MoEConfig(n_routed_experts=4, top_k=3, expert_ffn_dim=4, router="sparsemixer")
+    with pytest.raises(ConfigError, match="sparsemixer"):
+        MoEConfig(n_routed_experts=4, top_k=2, expert_ffn_dim=4, router="sparsemixer", score_func="sigmoid")
+
+
 @FAST
 @given(shapes())
 def test_noisy_topk_is_clean_topk_in_eval_and_shazeer_gating_in_training(shape):
@@ -350,6 +396,7 @@ ROUTER_CASES = [
     dict(router="topk", capacity_factor=0.5),
     dict(router="switch", top_k=1, capacity_factor=1.0),
     dict(router="hash", capacity_factor=0.5),
+    dict(router="sparsemixer", sparsemixer_eps=0.2),
 ]
 
 

@@ -121,3 +121,37 @@ def test_meta_device_instantiation_is_free():
         model = MoETransformer(small_config())
     assert all(p.is_meta for p in model.parameters())
     assert model.num_parameters() == MoETransformer(small_config()).num_parameters()
+
+
+def test_granite_multipliers_equal_scaled_weights():
+    """embedding_multiplier a, residual_multiplier r and logits_divisor c are linear: the same as
+    embeddings times a, every branch's output projection times r and the head divided by c."""
+    a, r, c = 3.0, 0.6, 2.5
+    cfg = small_config(n_shared_experts=1)
+    torch.manual_seed(0)
+    plain = MoETransformer(cfg).double().eval()
+    scaled = MoETransformer(cfg.replace(embedding_multiplier=a, residual_multiplier=r, logits_divisor=c)).double()
+    scaled.load_state_dict(plain.state_dict())
+    scaled.eval()
+    with torch.no_grad():
+        plain.embed.weight.mul_(a)
+        plain.lm_head.weight.div_(c)
+        for name, p in plain.named_parameters():
+            if name.endswith(("o_proj.weight", "w2.weight", "experts.w2")):
+                p.mul_(r)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    torch.testing.assert_close(scaled(ids).logits, plain(ids).logits, rtol=1e-10, atol=1e-10)
+
+
+def test_ffn_biases_are_built_and_counted():
+    """ERNIE-4.5's use_bias: dense FFN and shared-expert biases exist, start at zero and are counted."""
+    from moekit.accounting import count_params
+
+    cfg = small_config(n_shared_experts=2)
+    cfg = cfg.replace(dense_ffn_bias=True, moe=dict(cfg.to_dict()["moe"], shared_expert_bias=True))
+    model = MoETransformer(cfg)
+    dense = next(b for b in model.layers if not b.is_moe).ffn
+    shared = next(b for b in model.layers if b.is_moe).ffn.shared_experts
+    for ffn in (dense, shared):
+        assert all(lin.bias is not None and not lin.bias.any() for lin in (ffn.w1, ffn.w3, ffn.w2))
+    assert count_params(cfg).total == model.num_parameters()

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from moekit.errors import MoekitError
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from moekit.accounting import Component, Counted
     from moekit.config import ModelConfig
     from moekit.interop.types._reader import Reader
@@ -36,6 +38,12 @@ class HFLayout:
     # The type's router always has a selection bias (DeepSeek-V3's e_score_correction_bias), so
     # an export of a model without one writes zeros.
     selection_bias: bool = False
+    # For types whose files differ from these names by more than the MoE module's name (fused
+    # q/k/v or expert tensors, a renamed router, another prefix): ``from_file`` rewrites a
+    # checkpoint's tensors into the standard hub names above (views only, so it works on meta
+    # tensors and copies nothing); ``to_file`` rewrites standard names into the type's files.
+    from_file: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]] | None = None
+    to_file: Callable[[dict[str, Tensor], ModelConfig], dict[str, Tensor]] | None = None
     router: str = "gate"  # the router's module inside ``moe`` ("router" in gpt-oss, Llama 4)
     dense: str = "mlp"  # the dense FFN's module in non-MoE layers ("feed_forward" in Llama 4)
     # None: per-expert tensors (``expert`` names), as the hub writes them. Otherwise only
@@ -60,8 +68,10 @@ class ModelType:
     ``read`` turns a config into a buildable ``ModelConfig``; ``extras`` adds the components that
     config lacks (multi-token-prediction modules, Arctic's residual MLP), making the count a
     ``Counted``; ``account`` (for types moekit can count but not build: hybrids, zero-computation
-    experts) turns the config straight into a ``Counted``. A type has ``read`` or ``account``. ``write`` and ``architecture`` make it exportable; ``layout``
-    makes its checkpoints loadable. ``refuse`` raises ``UnsupportedError`` for options that change
+    experts) turns the config straight into a ``Counted``. A type has ``read`` or ``account``, or
+    both when transformers holds as parameters what moekit keeps as buffers (ERNIE's selection
+    bias): ``account`` then counts for ``moekit params`` and ``read`` builds. ``write`` and
+    ``architecture`` make it exportable; ``layout`` makes its checkpoints loadable. ``refuse`` raises ``UnsupportedError`` for options that change
     the computation but not the shapes (checked when loading weights, not when counting).
     ``ignored`` are regexes of checkpoint tensor names the model does not use, ``{n_layers}`` and
     ``{n_extra}`` filled in from the config (multi-token-prediction layers after the last one).

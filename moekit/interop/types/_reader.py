@@ -62,7 +62,24 @@ class Reader:
             raise ConfigError(f"{self.where}: '{key}' = {v!r} is not supported: {why}")
 
 
-def rope(r: Reader) -> dict[str, Any]:
+def constant(r: Reader, key: str, default: Any = MISSING, *aliases: str, n_layers: int | None = None) -> int:
+    """An integer key that may also be a per-layer list of one repeated value (Hunyuan, XVERSE,
+    Skywork); ``n_layers``, when given, is the length such a list must have. moekit's MoE layers
+    all have the same expert count and top-k, so a list of different values is refused."""
+    v = r.get(key, default, *aliases)
+    if isinstance(v, list):
+        bad = not v or any(isinstance(x, bool) or not isinstance(x, int) for x in v)
+        if bad or (n_layers is not None and len(v) != n_layers):
+            raise ConfigError(f"{r.where}: '{key}' must be an integer or one integer per layer, got {v!r}")
+        if len(set(v)) != 1:
+            raise ConfigError(f"{r.where}: '{key}' = {v!r} is not supported: moekit's MoE layers all have one value")
+        v = v[0]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{r.where}: '{key}' must be an integer (or a list of one repeated value), got {v!r}")
+    return v
+
+
+def rope(r: Reader, theta_default: float = 10000.0) -> dict[str, Any]:
     """rope_theta and rope_scaling, from either the config.json keys or transformers 5's
     ``rope_parameters`` (which folds the theta into the scaling dict)."""
     params = r.get("rope_parameters", None)
@@ -73,7 +90,7 @@ def rope(r: Reader) -> dict[str, Any]:
         rest = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
         if scaling is None and rest.get("rope_type", rest.get("type", "default")) != "default":
             scaling = rest
-    out: dict[str, Any] = {"rope_theta": float(theta) if theta is not None else 10000.0}
+    out: dict[str, Any] = {"rope_theta": float(theta) if theta is not None else theta_default}
     if scaling is not None:
         if not isinstance(scaling, dict):
             raise ConfigError(f"{r.where}: 'rope_scaling' must be an object, got {scaling!r}")
@@ -104,18 +121,24 @@ def placement(n_layers: int, moe_ids: list[int]) -> dict[str, Any]:
     return {"moe_layers": ids}
 
 
-def common(r: Reader, *, head_dim_key: bool = True) -> dict[str, Any]:
-    """Fields every decoder-only HF config shares."""
+def common(
+    r: Reader, *, head_dim_key: bool = True, eps_default: float = 1e-6, theta_default: float = 10000.0
+) -> dict[str, Any]:
+    """Fields every decoder-only HF config shares; ``*_default``: the type's config class defaults."""
     d_model = r.int("hidden_size")
     n_heads = r.int("num_attention_heads")
-    att: dict[str, Any] = {"n_heads": n_heads, "n_kv_heads": r.int("num_key_value_heads", n_heads), **rope(r)}
+    att: dict[str, Any] = {
+        "n_heads": n_heads,
+        "n_kv_heads": r.int("num_key_value_heads", n_heads),
+        **rope(r, theta_default),
+    }
     if head_dim_key:
         att["head_dim"] = r.int("head_dim", None)
     return {
         "vocab_size": r.int("vocab_size"),
         "d_model": d_model,
         "n_layers": r.int("num_hidden_layers"),
-        "norm_eps": r.float("rms_norm_eps", 1e-6),
+        "norm_eps": r.float("rms_norm_eps", eps_default),
         "tie_embeddings": r.bool("tie_word_embeddings", False),
         "max_seq_len": r.int("max_position_embeddings", 4096),
         "attention": att,

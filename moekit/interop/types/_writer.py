@@ -16,8 +16,29 @@ from typing import Any
 from moekit.config import ModelConfig, MoEConfig
 from moekit.interop.types._base import UnsupportedError
 
+# Settings only some types express, with their neutral values: a type writes them only when it
+# names them in ``common(..., writes=...)``; for every other type they must be neutral.
+OPTIONAL_SETTINGS: dict[str, Any] = {
+    "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0,
+    "logits_divisor": 1.0,
+    "attention.softmax_scale": None,
+    "attention.clip_qkv": None,
+    "attention.qk_norm_after_rope": False,
+    "attention.partial_rotary_factor": 1.0,
+    "dense_ffn_bias": False,
+    "moe.shared_expert_bias": False,
+}
+
 # While ``mismatches`` runs a writer, ``require`` records every failed check here instead of raising.
 _FOUND: ContextVar[list[str] | None] = ContextVar("_FOUND", default=None)
+
+
+def setting(cfg: ModelConfig, field: str) -> Any:
+    node: Any = cfg
+    for part in field.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def require(ok: bool, field: str, value: Any, model_type: str, expected: str) -> None:
@@ -46,19 +67,31 @@ def mismatches(write: Callable[[ModelConfig], dict[str, Any]], cfg: ModelConfig)
 
 
 def common(
-    cfg: ModelConfig, model_type: str, architecture: str, allow: tuple[str, ...] = ()
+    cfg: ModelConfig,
+    model_type: str,
+    architecture: str,
+    writes: tuple[str, ...] = (),
+    *,
+    norm: str = "rmsnorm",
+    router: str = "topk",
+    lm_head_bias: bool = False,
 ) -> tuple[MoEConfig, dict[str, Any]]:
-    """Checks every supported type shares (but the fields in ``allow``, which the type's writer
-    checks itself), and the keys every type writes."""
+    """Checks every supported type shares, and the keys every type writes.
+
+    ``writes``: the fields the type expresses, which its writer writes and checks itself: any of
+    the shared checks below (gpt-oss's ``attention.sinks``, Llama 4's ``attention.rope_interleave``)
+    and the ``OPTIONAL_SETTINGS`` (each other one must be neutral). ``norm`` / ``router``: the
+    type's (PhiMoE: "layernorm", "sparsemixer"); ``lm_head_bias``: the type may have one.
+    """
     moe = cfg.moe
     if moe is None:
         raise UnsupportedError(f"moe is None: model_type {model_type!r} needs an MoE config")
     att = cfg.attention
     for field, value, ok, expected in [
-        ("norm", cfg.norm, cfg.norm == "rmsnorm", "'rmsnorm'"),
-        ("lm_head_bias", cfg.lm_head_bias, not cfg.lm_head_bias, "False"),
+        ("norm", cfg.norm, cfg.norm == norm, repr(norm)),
+        ("lm_head_bias", cfg.lm_head_bias, lm_head_bias or not cfg.lm_head_bias, "False"),
         ("attention.sinks", att.sinks, not att.sinks, "False"),
-        ("moe.router", moe.router, moe.router == "topk", "'topk'"),
+        ("moe.router", moe.router, moe.router == router, repr(router)),
         ("moe.capacity_factor", moe.capacity_factor, moe.capacity_factor is None, "None (dropless)"),
         ("moe.router_bias", moe.router_bias, not moe.router_bias, "False"),
         ("moe.expert_bias", moe.expert_bias, not moe.expert_bias, "False"),
@@ -68,13 +101,14 @@ def common(
         ("attention.nope_layers", att.nope_layers, not att.nope_layers, "None"),
         ("moe.scale_expert_input", moe.scale_expert_input, not moe.scale_expert_input, "False"),
     ]:
-        if field not in allow:
+        if field not in writes:
             require(ok, field, value, model_type, expected)
-    if att.kind != "mla" and "attention.rope_interleave" not in allow:
+    for field, neutral in OPTIONAL_SETTINGS.items():
+        if field not in writes:
+            value = setting(cfg, field)
+            require(value == neutral, field, value, model_type, repr(neutral))
+    if att.kind != "mla" and "attention.rope_interleave" not in writes:
         require(not att.rope_interleave, "attention.rope_interleave", True, model_type, "False")
-        if "attention.partial_rotary_factor" not in allow:
-            f = att.partial_rotary_factor
-            require(f == 1.0, "attention.partial_rotary_factor", f, model_type, "1.0")
     out: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,

@@ -45,7 +45,7 @@ def read(r: Reader) -> ModelConfig:
 
 
 def write(cfg: ModelConfig) -> dict[str, Any]:
-    _, out = write_common(cfg, MT, ARCHITECTURE, allow=("attention.sliding_window",))
+    _, out = write_common(cfg, MT, ARCHITECTURE, writes=("attention.sliding_window",))
     att = cfg.attention
     require(att.kind == "gqa", "attention.kind", att.kind, MT, "'gqa'")
     require(att.qk_norm == "head", "attention.qk_norm", att.qk_norm, MT, "'head'")

@@ -100,7 +100,7 @@ def write_moe(cfg: ModelConfig, mt: str) -> dict[str, Any]:
 
 
 def write(cfg: ModelConfig) -> dict[str, Any]:
-    _, out = write_common(cfg, MT, ARCHITECTURE, allow=("attention.partial_rotary_factor",))
+    _, out = write_common(cfg, MT, ARCHITECTURE, writes=("attention.partial_rotary_factor",))
     att = cfg.attention
     require(att.kind == "gqa", "attention.kind", att.kind, MT, "'gqa'")
     require(att.qk_norm in ("none", "head"), "attention.qk_norm", att.qk_norm, MT, "'none' or 'head'")

@@ -13,8 +13,7 @@ import dataclasses
 
 from moekit.accounting import AttentionShape, Component, Counted, count_extended
 from moekit.interop.types._base import ModelType
-from moekit.interop.types._reader import Reader, common, make
-from moekit.interop.types.hunyuan_v1_moe import constant
+from moekit.interop.types._reader import Reader, common, constant, make
 
 
 def account(r: Reader) -> Counted:

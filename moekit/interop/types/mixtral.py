@@ -46,7 +46,8 @@ def refuse(d: dict[str, Any]) -> None:
 
 def claims(cfg: ModelConfig) -> bool:
     a = cfg.attention
-    return a.kind != "mla" and not cfg.moe.shared_expert_gate and a.qk_norm not in ("head", "full")
+    plain = cfg.norm == "rmsnorm" and cfg.moe.router == "topk"  # else phimoe, ...
+    return plain and a.kind != "mla" and not cfg.moe.shared_expert_gate and a.qk_norm not in ("head", "full")
 
 
 MIXTRAL = ModelType(

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from moekit.accounting import Counted, count_extended
 from moekit.interop.types._base import ModelType
-from moekit.interop.types._reader import Reader
+from moekit.interop.types._reader import Reader, constant
 from moekit.interop.types._shared_moe import shared_moe_config
-from moekit.interop.types.hunyuan_v1_moe import constant
 
 
 def account(r: Reader) -> Counted:

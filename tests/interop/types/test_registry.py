@@ -13,9 +13,9 @@ from moekit.interop.types import TYPES, ModelType, get_type, loadable_types, typ
 REGISTERED = {
     "arctic",
     "bailing_moe",
+    "dbrx",
     "deepseek",
     "deepseek_v2",
-    "dbrx",
     "deepseek_v3",
     "deepseek_v32",
     "dots1",
@@ -25,6 +25,7 @@ REGISTERED = {
     "glm_moe_dsa",
     "gpt_oss",
     "granitemoe",
+    "granitemoeshared",
     "grok-1",
     "hunyuan",
     "hunyuan_v1_moe",
@@ -63,6 +64,13 @@ WRITABLE = {
     "glm4_moe",
     "gpt_oss",
     "llama4_text",
+    "phimoe",
+    "granitemoe",
+    "granitemoeshared",
+    "dbrx",
+    "ernie4_5_moe",
+    "hunyuan_v1_moe",
+    "minimax_m2",
 }
 LOADABLE = WRITABLE | {"kimi_k2"}  # Kimi-K2 checkpoints have DeepSeek-V3's tensor names
 
@@ -137,6 +145,55 @@ GQA = dict(n_heads=4, n_kv_heads=2)
 )
 def test_infer_model_type_from_each_types_claims(attention, moe, expected):
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, dense_ffn_dim=32, attention=attention, moe=moe)
+    assert infer_model_type(cfg) == expected
+
+
+MOE = dict(n_routed_experts=4, top_k=2, expert_ffn_dim=8)
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        (
+            dict(
+                norm="layernorm",
+                lm_head_bias=True,
+                attention=AttentionConfig(**GQA, qkv_bias=True, o_bias=True),
+                moe=MoEConfig(**MOE, router="sparsemixer"),
+            ),
+            "phimoe",
+        ),
+        (dict(embedding_multiplier=12.0, attention=AttentionConfig(**GQA, softmax_scale=0.125)), "granitemoe"),
+        (dict(residual_multiplier=0.2, moe=MoEConfig(**MOE, n_shared_experts=1)), "granitemoeshared"),
+        (dict(norm="layernorm_nobias", norm_eps=1e-5, attention=AttentionConfig(**GQA, clip_qkv=8.0)), "dbrx"),
+        (
+            dict(
+                attention=AttentionConfig(**GQA, rope_interleave=True),
+                moe=MoEConfig(**MOE, n_shared_experts=2, selection_bias=True),
+            ),
+            "ernie4_5_moe",
+        ),
+        (
+            dict(
+                attention=AttentionConfig(**GQA, qk_norm="head", qk_norm_after_rope=True),
+                moe=MoEConfig(**MOE, n_shared_experts=1),
+            ),
+            "hunyuan_v1_moe",
+        ),
+        (
+            dict(
+                attention=AttentionConfig(**GQA, qk_norm="full", partial_rotary_factor=0.5),
+                moe=MoEConfig(**MOE, score_func="sigmoid", selection_bias=True),
+            ),
+            "minimax_m2",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_infer_model_type_of_configs_only_one_type_expresses(model, expected):
+    """Each config is written as the one type whose writer accepts every field (and whose claims fit)."""
+    kw = dict(vocab_size=32, d_model=16, n_layers=2, dense_ffn_dim=32, attention=AttentionConfig(**GQA))
+    cfg = ModelConfig(**{**kw, "moe": MoEConfig(**MOE), **model})
     assert infer_model_type(cfg) == expected
 
 
