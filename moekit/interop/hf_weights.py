@@ -273,6 +273,17 @@ def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor],
             raise CheckpointError(f"{what}: tensor {k!r} has dtype {got.dtype}, expected a floating-point tensor")
 
 
+def prepare_hf_tensors(
+    tensors: Mapping[str, Tensor], cfg: ModelConfig, model_type: str, ignore: Callable[[str], bool] | None = None
+) -> dict[str, Tensor]:
+    """The checkpoint's tensors under the names ``hf_sources``' pieces use: those ``ignore`` names
+    dropped, then the type's ``HFLayout.from_file`` rewrite (renames, and views split from fused
+    file tensors). Without a rewrite, the checkpoint's own names."""
+    lay = layout(model_type)
+    kept = {k: v for k, v in tensors.items() if not (ignore and ignore(k))}
+    return lay.from_file(kept, cfg) if lay.from_file is not None else kept
+
+
 def hf_sources(
     tensors: Mapping[str, Tensor],
     cfg: ModelConfig,
@@ -281,7 +292,9 @@ def hf_sources(
     what: str = "checkpoint",
 ) -> dict[str, Source]:
     """Where each tensor of a moekit state dict comes from in HF ``tensors`` (hub or fused layout;
-    meta tensors suffice), checked strictly: every expected tensor present with its shape.
+    meta tensors suffice), checked strictly: every expected tensor present with its shape. The
+    pieces name tensors of ``prepare_hf_tensors(tensors, ...)``: of the files themselves unless the
+    type rewrites them (``HFLayout.from_file``).
 
     ``ignore`` drops names the model does not use (say, DeepSeek-V3's multi-token-prediction
     layers). A tied ``lm_head.weight`` in the checkpoint is accepted and ignored, as transformers does.
@@ -290,9 +303,7 @@ def hf_sources(
     lay = layout(model_type)
     meta = meta_state_dict(cfg)
     expected = to_hf_state_dict(meta, cfg, model_type, standard=True)
-    kept = {k: v for k, v in tensors.items() if not (ignore and ignore(k))}
-    if lay.from_file is not None:
-        kept = lay.from_file(kept, cfg)
+    kept = prepare_hf_tensors(tensors, cfg, model_type, ignore)
     if cfg.tie_embeddings and "lm_head.weight" in kept and "lm_head.weight" not in expected:
         del kept["lm_head.weight"]
     pieces = _hub_pieces(kept, expected, cfg, lay)
@@ -323,8 +334,9 @@ def from_hf_state_dict(
 ) -> dict[str, Tensor]:
     """HF tensors (hub or fused layout) -> a complete moekit state dict (see ``hf_sources``)."""
     sources = hf_sources(tensors, cfg, model_type, ignore, what)
+    named = prepare_hf_tensors(tensors, cfg, model_type, ignore)
     return {
-        name: torch.stack([resolve(tensors, p) for p in src]) if isinstance(src, list) else resolve(tensors, src)
+        name: torch.stack([resolve(named, p) for p in src]) if isinstance(src, list) else resolve(named, src)
         for name, src in sources.items()
     }
 
@@ -343,6 +355,7 @@ __all__ = [
     "hf_sources",
     "layout",
     "meta_state_dict",
+    "prepare_hf_tensors",
     "resolve",
     "to_hf_state_dict",
 ]

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,8 @@ from moekit.interop.hf_weights import (
     UnsupportedError,
     check_tensors,
     hf_sources,
+    layout,
+    prepare_hf_tensors,
     resolve,
     to_hf_state_dict,
 )
@@ -227,14 +230,23 @@ class Checkpoint:
     config: ModelConfig
     raw: dict[str, Any] | None  # a Hugging Face folder's config.json
     headers: dict[str, tuple[Path, Tensor]]  # checkpoint tensor name -> (file, meta tensor)
-    sources: dict[str, Source]  # moekit state-dict key -> where it comes from
+    sources: dict[str, Source]  # moekit state-dict key -> where it comes from (a piece of ``named``)
+    # The type's rewrite of the file tensors into the names the pieces use (``prepare_hf_tensors``:
+    # HFLayout.from_file); None: the pieces name file tensors.
+    rewrite: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+
+    @property
+    def named(self) -> dict[str, Tensor]:
+        """The meta tensors the sources' pieces name (the headers', rewritten if the type does)."""
+        meta = {name: t for name, (_, t) in self.headers.items()}
+        return self.rewrite(meta) if self.rewrite is not None else meta
 
     @property
     def dtype(self) -> torch.dtype:
         """The checkpoint's dtype: that of its embedding."""
         embed = self.sources["embed.weight"]
         assert isinstance(embed, Piece)
-        return self.headers[embed.name][1].dtype
+        return self.named[embed.name].dtype
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -250,6 +262,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         t = get_type(raw["model_type"])
         ignore = t.ignore(raw, cfg.n_layers) if t is not None else None
         sources = hf_sources(meta, cfg, raw["model_type"], ignore, what=f"checkpoint {folder}")
+        if layout(raw["model_type"]).from_file is not None:
+            rewrite = partial(prepare_hf_tensors, cfg=cfg, model_type=raw["model_type"], ignore=ignore)
+            return Checkpoint(Path(path), folder, cfg, raw, headers, sources, rewrite)
     else:
         sources = _moekit_sources(meta, cfg, what=f"moekit checkpoint {folder}")
     return Checkpoint(Path(path), folder, cfg, raw, headers, sources)
@@ -275,6 +290,8 @@ def from_pretrained(
     meta = torch.device(device).type == "meta"
     tensors = {n: t for n, (_, t) in ckpt.headers.items()} if meta else read_tensors(ckpt.folder)
     check_tied_head(tensors, ckpt.config.tie_embeddings, str(ckpt.folder))  # now on the values
+    if ckpt.rewrite is not None:
+        tensors = ckpt.rewrite(tensors)  # views of the file tensors, under the names the pieces use
     sd = {
         name: torch.stack([resolve(tensors, p) for p in src]) if isinstance(src, list) else resolve(tensors, src)
         for name, src in ckpt.sources.items()

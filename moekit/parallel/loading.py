@@ -10,7 +10,10 @@ holding the whole model: every rank
    not index are never touched) the replicated tensors whole and, of every routed-expert tensor,
    only its own experts' slices: for each local expert its w1/w3 rows and w2 columns, from the
    per-expert hub tensors, the fused ``gate_up_proj``/``down_proj`` of transformers 5, or a moekit
-   folder's stacked ``[E, F, D]`` tensors alike (``moekit.interop.hf_weights.Piece``);
+   folder's stacked ``[E, F, D]`` tensors, and the strided, transposed ``[in, out]`` fused tensors
+   of gpt-oss and Llama 4 alike (``moekit.interop.hf_weights.Piece``); a type whose files are
+   rewritten at load (``HFLayout.from_file``) is read through the rewrite, or refused in one line
+   where its routed experts are not file tensors (``check_readable``: DBRX);
    (a tied config's distinct head tensor, if the folder has one, is read to check it equals the
    embedding, as ``from_pretrained`` does);
 4. adopts them (no copy) and moves the model to ``device``.
@@ -27,7 +30,7 @@ Shapes: E experts (global), F expert width, D model width.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from moekit.errors import CheckpointError, MoekitError
-from moekit.interop.hf_weights import Piece, resolve
+from moekit.interop.hf_weights import Piece, UnsupportedError, resolve
 from moekit.interop.pretrained import Checkpoint, _assemble, _resolve_dtype, finish_loading, open_checkpoint
 from moekit.interop.safety import check_tied_head
 from moekit.models.transformer import MoETransformer
@@ -128,6 +131,12 @@ def _nbytes(t: Tensor) -> int:
 class _Reader:
     """Reads pieces (or slices of them) from the checkpoint's files, counting bytes.
 
+    A type that rewrites its files at load (``Checkpoint.rewrite``: ``HFLayout.from_file``) names
+    pieces after the rewrite: a renamed tensor is read under its file name; a view split from a
+    fused file tensor (DBRX's ``Wqkv``, Granite's shared ``input_linear``) is read by reading that
+    tensor whole and taking the same view (``as_strided``) of it, so only replicated tensors may
+    be such views (``check_readable`` refuses the rest before anything is read).
+
     NOTE: safetensors memory-maps a file while it is open, and every page a slice touches stays
     resident until it is closed (a column slice of ``w2 [D, F]`` touches every row's pages), so
     ``release`` closes the files after each state-dict key: the touched pages of one key at most
@@ -139,26 +148,73 @@ class _Reader:
         self.files = ExitStack()
         self.open: dict[Path, Any] = {}
         self.bytes_read = 0
+        self.renamed, self.views = _through_rewrite(ckpt)
+        self.whole: dict[str, Tensor] = {}  # fused file tensors read whole for views, until release
 
     def read(self, piece: Piece, sub: tuple = ()) -> Tensor:
-        path, meta = self.headers[piece.name]
+        if piece.name in self.views:
+            file_name, size, stride, offset = self.views[piece.name]
+            if file_name not in self.whole:
+                self.whole[file_name] = self.read(Piece(file_name))
+            view = self.whole[file_name].as_strided(size, stride, offset)
+            return resolve({piece.name: view}, piece)[sub].contiguous()
+        name = self.renamed.get(piece.name, piece.name)
+        path, meta = self.headers[name]
         try:
             if path not in self.open:
                 self.open[path] = self.files.enter_context(safe_open(path, framework="pt"))
             f = self.open[path]
             if not piece.index and not sub:
-                t = f.get_tensor(piece.name)
+                t = f.get_tensor(name)
             else:
-                t = f.get_slice(piece.name)[_compose(piece, sub, tuple(meta.shape))]
+                t = f.get_slice(name)[_compose(piece, sub, tuple(meta.shape))]
             t = t.transpose(-1, -2).contiguous() if piece.transpose else t
         except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"cannot read tensor {piece.name!r} from {path}: {e}") from None
+            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from None
         self.bytes_read += _nbytes(t)
         return t
 
     def release(self) -> None:
         self.files.close()
-        self.files, self.open = ExitStack(), {}
+        self.files, self.open, self.whole = ExitStack(), {}, {}
+
+
+def _through_rewrite(ckpt: Checkpoint) -> tuple[dict[str, str], dict[str, tuple]]:
+    """For a type that rewrites its files: rewritten name -> file name (tensors only renamed), and
+    rewritten name -> (file name, size, stride, offset) (views of one file tensor). Found by
+    running the rewrite on the headers' meta tensors: a renamed tensor is the same object, a view
+    keeps its base (meta tensors carry strides and offsets)."""
+    if ckpt.rewrite is None:
+        return {}, {}
+    origin = {id(t): name for name, (_, t) in ckpt.headers.items()}
+    renamed: dict[str, str] = {}
+    views: dict[str, tuple] = {}
+    for name, t in ckpt.named.items():
+        if id(t) in origin:
+            renamed[name] = origin[id(t)]
+        elif t._base is not None and id(t._base) in origin:
+            views[name] = (origin[id(t._base)], tuple(t.shape), t.stride(), t.storage_offset())
+    return renamed, views
+
+
+def check_readable(ckpt: Checkpoint, expert_keys: Iterable[str]) -> None:
+    """Refuse, in one line, a type whose rewrite builds a tensor this rank must read in a way the
+    reader cannot: a sharded routed-expert tensor that is not a (renamed) file tensor (DBRX's
+    experts, split from one fused tensor), or any tensor that is not a view of one file tensor."""
+    if ckpt.rewrite is None:
+        return
+    renamed, views = _through_rewrite(ckpt)
+    sharded = set(expert_keys)
+    for key, src in ckpt.sources.items():
+        for p in src if isinstance(src, list) else [src]:
+            if p.name in renamed or (p.name in views and key not in sharded):
+                continue
+            mt = (ckpt.raw or {}).get("model_type")
+            raise UnsupportedError(
+                f"{ckpt.folder}: sharded loading cannot read model_type {mt}: its {p.name!r} is rebuilt at load "
+                "from fused file tensors, not sliceable from the files; load it in one process, or convert it "
+                "once (moekit convert SRC DST --format moekit) and load that folder sharded"
+            )
 
 
 def _expert_index(name: str, shard, per_expert: bool) -> tuple:
@@ -176,6 +232,7 @@ def _read_local(ckpt: Checkpoint, model: MoETransformer, dtype: torch.dtype) -> 
     """This rank's state dict (its expert slices, everything else whole), the expert bytes and
     all bytes read."""
     experts = {f"{prefix}.{name}": (name, ex.shard) for prefix, ex in expert_shards(model) for name in F_AXIS}
+    check_readable(ckpt, experts)
     sd: dict[str, Tensor] = {}
     expert_bytes = 0
     reader = _Reader(ckpt)
@@ -219,7 +276,7 @@ def _read_local(ckpt: Checkpoint, model: MoETransformer, dtype: torch.dtype) -> 
 
 def _checkpoint_bytes(ckpt: Checkpoint) -> tuple[int, int]:
     """All stored bytes the model uses, and the routed experts' part (from the headers)."""
-    meta = {n: t for n, (_, t) in ckpt.headers.items()}
+    meta = ckpt.named
     total = experts = 0
     for key, src in ckpt.sources.items():
         if key == "lm_head.weight" and ckpt.config.tie_embeddings:

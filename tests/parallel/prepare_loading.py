@@ -50,8 +50,16 @@ HF_CASES = {
         no_rope_layer_interval=2, attention_chunk_size=5, use_qk_norm=True,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
     ),
+    # Files moekit rewrites at load (HFLayout.from_file): fused experts under Granite's names, and
+    # the shared expert's input_linear split into gate and up (views the reader takes of it).
+    "granitemoeshared": dict(
+        model_type="granitemoeshared", num_hidden_layers=2, num_key_value_heads=2, intermediate_size=24,
+        num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=16, embedding_multiplier=2.0,
+        residual_multiplier=0.5, logits_scaling=1.5, attention_multiplier=0.3,
+    ),
 }  # fmt: skip
-FUSED_ONLY = ("gpt_oss", "llama4_text")  # their checkpoints hold the fused tensors only: no "-fused" copy
+# Their checkpoints hold fused tensors in the type's own names only: no transformers-5 "-fused" copy.
+FUSED_ONLY = ("gpt_oss", "llama4_text", "granitemoeshared")
 TRAIN_ARGS = (
     "train --preset tiny --set train.tokenizer=byte --set train.batch_size=4 --set train.seq_len=32 "
     "--set train.log_every=1 --set train.eval_every=4 --set train.eval_batches=2 --set train.warmup_steps=1 --quiet"

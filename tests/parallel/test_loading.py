@@ -27,11 +27,11 @@ import torch
 from moekit.cli import main
 from moekit.config import AttentionConfig, ModelConfig, MoEConfig
 from moekit.errors import CheckpointError
-from moekit.interop.hf_weights import Piece, resolve
-from moekit.interop.pretrained import from_pretrained
+from moekit.interop.hf_weights import Piece, UnsupportedError, resolve
+from moekit.interop.pretrained import from_pretrained, open_checkpoint
 from moekit.models.transformer import MoETransformer
 from moekit.parallel import Layout, load_sharded
-from moekit.parallel.loading import _compose
+from moekit.parallel.loading import _compose, check_readable
 from moekit.training.checkpoint import load_checkpoint
 from moekit.training.metrics import read_metrics
 
@@ -55,7 +55,15 @@ def test_sharded_hf_logits_equal_transformers_and_ranks_hold_their_share(loading
     layouts = (
         {"dp2-ep2-etp1", "dp1-ep1-etp2"} if loading["world"] == 2 else {"dp4-ep4-etp1", "dp2-ep2-etp2", "dp1-ep1-etp4"}
     )
-    folders = {"mixtral-hub", "mixtral-fused", "deepseek_v3-hub", "deepseek_v3-fused", "gpt_oss-hub", "llama4_text-hub"}
+    folders = {
+        "mixtral-hub",
+        "mixtral-fused",
+        "deepseek_v3-hub",
+        "deepseek_v3-fused",
+        "gpt_oss-hub",
+        "llama4_text-hub",
+        "granitemoeshared-hub",
+    }
     assert set(cases) == {f"{f}/{lay}" for f in folders for lay in layouts}
     for name, ranks in cases.items():
         assert len(ranks) == loading["world"]
@@ -214,3 +222,27 @@ def test_load_sharded_in_one_process_reads_hf_experts_as_from_pretrained(loading
             report.bytes_read == report.checkpoint_bytes and report.expert_bytes_read == report.checkpoint_expert_bytes
         )
         assert report.checkpoint_expert_bytes > 0, name
+
+
+REWRITTEN = ("phimoe", "granitemoeshared", "ernie4_5_moe", "dbrx")  # renames; fused experts; views; fused experts
+
+
+@pytest.mark.parametrize("case", REWRITTEN)
+def test_load_sharded_reads_through_a_types_file_rewrite(case, tmp_path):
+    """Types whose files moekit rewrites at load (HFLayout.from_file): renamed tensors are read
+    under their file names, views of a fused file tensor as that view of it; in one process every
+    tensor equals from_pretrained's. Sharded, routed experts must be file tensors (or pieces of
+    them): DBRX's, split from one fused tensor, are refused in one line before anything is read."""
+    from tests.interop.test_hf_parity_group_b import build_hf
+
+    build_hf(case).save_pretrained(tmp_path, max_shard_size="100KB")
+    one, sharded = from_pretrained(tmp_path), load_sharded(tmp_path, Layout())
+    a, b = sharded.state_dict(), one.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = open_checkpoint(tmp_path)
+    experts = [k for k in ckpt.sources if ".ffn.experts." in k]
+    if case == "dbrx":
+        with pytest.raises(UnsupportedError, match=r"sharded loading cannot read model_type dbrx: .*moekit convert"):
+            check_readable(ckpt, experts)
+    else:
+        check_readable(ckpt, experts)
