@@ -238,12 +238,36 @@ def folder_lock(folder: Path, what: str = "folder") -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def check_unlocked(folder: Path, what: str = "folder") -> None:
+    """Refuse ``folder`` at once if a process holds its lock (``folder_lock``); take nothing.
+
+    NOTE: a shared lock, opened read-only and never written: every rank of a torchrun launch may
+    check the same folder at once without refusing each other (an exclusive probe would)."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody holds it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise MoekitError(
+                f"{what} {folder} is being written by another moekit process (pid {holder}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+    finally:
+        os.close(fd)
+
+
 __all__ = [
     "LOCK_FILE",
     "OWNED_FILE",
     "PNG_SOFTWARE",
     "check_file_arg",
     "check_folder_arg",
+    "check_unlocked",
     "check_may_replace_file",
     "folder_lock",
     "foreign_entries",

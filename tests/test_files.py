@@ -51,6 +51,29 @@ def test_lock_refuses_a_second_holder_until_released(tmp_path):
         pass
 
 
+def test_check_unlocked_refuses_a_held_lock_but_not_other_checkers(tmp_path):
+    import fcntl
+    import os
+
+    files.check_unlocked(tmp_path)  # no lock file
+    with files.folder_lock(tmp_path, "run directory"):
+        with pytest.raises(MoekitError, match=r"being written by another moekit process \(pid \d+\)"):
+            files.check_unlocked(tmp_path, "run directory")
+    pid = (tmp_path / files.LOCK_FILE).read_text()
+    # Another rank checking at the same moment (a shared lock held) does not refuse this one,
+    # and checking never writes the lock file (an exclusive probe truncated it: "pid ?").
+    fd = os.open(tmp_path / files.LOCK_FILE, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        files.check_unlocked(tmp_path)
+        with pytest.raises(MoekitError, match="being written by another"):
+            with files.folder_lock(tmp_path):
+                pass
+    finally:
+        os.close(fd)
+    assert (tmp_path / files.LOCK_FILE).read_text() == pid
+
+
 def test_png_signature(tmp_path):
     import matplotlib
 

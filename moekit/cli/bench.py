@@ -117,10 +117,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="instead: a training step at 1 and at EP expert-parallel processes (gloo), with per-layer "
         "all-to-all bytes and time",
     )
+    p.add_argument(
+        "--load-sharded",
+        type=positive_int,
+        metavar="N",
+        help="instead: peak memory of loading a checkpoint in one process vs N processes each loading its shard",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.load_sharded is not None:
+        return run_load(args)
     if args.ep is not None:
         return run_ep(args)
     if args.decode:
@@ -414,4 +422,18 @@ def run_ep(args: argparse.Namespace) -> int:
             if not args.json:
                 print(text, flush=True)  # the rows survive on stdout
             raise
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    from moekit.parallel.load_bench import format_report, run_load_bench
+
+    rows = run_load_bench(args.load_sharded, quick=args.quick)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+    else:
+        print(format_report(rows))
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=2)
     return 0

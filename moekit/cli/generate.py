@@ -4,6 +4,10 @@ MODEL is a Hugging Face folder, a moekit checkpoint folder or a ``moekit train``
 (its newest checkpoint). The text is written as it is produced, then prefill and decode speeds on
 stderr; ``--json`` prints one object instead. Settings left unset come from the folder's
 ``generation_config.json``, else greedy decoding of 64 tokens.
+
+Under ``torchrun --nproc-per-node N -m moekit generate ...`` each process loads only its shard of
+the experts (``moekit.parallel.load_sharded``): by default each expert's width split N ways
+(``--etp N``, distributed-llama's layout), or whole experts with ``--ep``. Rank 0 prints.
 """
 
 from __future__ import annotations
@@ -63,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence (for timing)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and speeds) at the end")
+    par = p.add_argument_group(
+        "several processes (torchrun --nproc-per-node N -m moekit generate ...; default: --etp N)"
+    )
+    par.add_argument("--ep", type=positive_int, help="expert-parallel size: ranks sharing out whole experts")
+    par.add_argument("--etp", type=positive_int, help="expert tensor-parallel size: ranks slicing each expert")
+    par.add_argument("--backend", default="auto", help="torch.distributed backend: gloo, nccl or auto (default)")
     p.set_defaults(func=run)
 
 
@@ -93,15 +103,37 @@ class _Timing:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from moekit.training.distributed import Distributed, launched_ranks
+
+    world = launched_ranks()
+    etp = args.etp if args.ep or args.etp else world  # no flags: each expert sliced over the ranks
+    parallel = Distributed(ep=args.ep, etp=etp, backend=args.backend)
+    if not parallel.is_main:
+        warnings.simplefilter("ignore")  # rank 0 alone speaks; the others would repeat it
+    try:
+        return _generate(args, parallel)
+    finally:
+        parallel.close()
+
+
+def _generate(args: argparse.Namespace, parallel: Any) -> int:
     import torch
 
     from moekit.interop.pretrained import from_pretrained
     from moekit.models.generation import TextStreamer
+    from moekit.parallel import load_sharded
+    from moekit.parallel.inference import generate
     from moekit.tokenizer import render_chat
     from moekit.training.loop import resolve_device
 
-    device = resolve_device(args.device)
-    model = from_pretrained(args.model, dtype=args.dtype, device=device)
+    device = resolve_device(parallel.device(args.device))
+    if parallel.active:
+        model = load_sharded(args.model, parallel.layout, dtype=args.dtype, device=device)
+    else:
+        parallel.layout.validate(1, None, None)  # --ep / --etp above 1 need torchrun
+        model = from_pretrained(args.model, dtype=args.dtype, device=device)
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise MoekitError(f"{args.model} has no tokenizer (tokenizer.json); cannot encode a text prompt")
@@ -120,13 +152,15 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(s)
         sys.stdout.flush()
 
-    text_streamer = None if args.json else TextStreamer(tokenizer.decode, write, stop_ids=eos)
+    quiet = args.json or not parallel.is_main
+    text_streamer = None if quiet else TextStreamer(tokenizer.decode, write, stop_ids=eos)
     timing = _Timing(text_streamer)
     if text_streamer is not None and not args.chat:
         write(args.prompt)  # the continuation reads on from the prompt
     input_ids = torch.tensor([ids], device=device)
     start = time.perf_counter()
-    out = model.generate(
+    out = generate(
+        model,
         input_ids,
         args.max_new_tokens,
         temperature=args.temperature,
@@ -152,7 +186,10 @@ def run(args: argparse.Namespace) -> int:
         "decode_tokens_per_s_by_quarter": timing.quarters(),
         "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
         "device": str(device),
+        "layout": parallel.layout.to_dict() if parallel.active else None,
     }
+    if not parallel.is_main:
+        return 0
     if args.json:
         print(json.dumps(result))
         return 0

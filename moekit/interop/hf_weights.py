@@ -15,6 +15,9 @@ concatenated. Types whose files differ from these names by more than the MoE mod
 ``from_file`` / ``to_file``; the checks here see the standard names.
 
 Everything here works on meta tensors too, which is how shapes are checked without reading data.
+``hf_sources`` says where each moekit tensor comes from (a ``Piece``: a checkpoint tensor and an
+index into it, or one piece per expert), so one process can read everything and stack, and a
+rank of a sharded model can read only the slices of the pieces it holds.
 Shapes: E experts, F expert width, D model width.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -83,23 +87,6 @@ def _fuse_interleaved(sd: Mapping[str, Tensor], layer: int, lay: HFLayout) -> di
         out[base + "gate_up_proj_bias"] = torch.stack([sd[p + "b1"], sd[p + "b3"]], dim=2).reshape(e, 2 * f)
         out[base + "down_proj_bias"] = sd[p + "b2"]
     return out
-
-
-def _unfuse_interleaved(kept: Mapping[str, Tensor], name: str, lay: HFLayout) -> Tensor:
-    """The moekit expert tensor ``name`` (``layers.{i}.ffn.experts.w1`` ...) from the fused ones."""
-    m = re.fullmatch(_L + r"ffn\.experts\.(w1|w3|w2|b1|b3|b2)", name)
-    assert m is not None
-    base, which = f"model.layers.{m.group(1)}.{lay.moe}.experts.", m.group(2)
-    if which == "w2":
-        return kept[base + "down_proj"].transpose(1, 2).contiguous()
-    if which == "b2":
-        return kept[base + "down_proj_bias"]
-    up = which in ("w3", "b3")
-    t = kept[base + ("gate_up_proj" if which in ("w1", "w3") else "gate_up_proj_bias")]
-    f = t.shape[-1] // 2
-    # gpt-oss: gate at even columns, up at odd; Llama 4: gate first, then up
-    part = t[..., int(up) :: 2] if lay.fused == "interleaved" else t[..., f:] if up else t[..., :f]
-    return (part.transpose(1, 2) if which in ("w1", "w3") else part).contiguous()
 
 
 def hf_name(name: str, lay: HFLayout, model_type: str = "") -> str:
@@ -179,42 +166,92 @@ def expected_hf_tensors(cfg: ModelConfig, model_type: str) -> dict[str, Tensor]:
     return to_hf_state_dict(meta_state_dict(cfg), cfg, model_type)
 
 
-def _to_hub_layout(
-    tensors: dict[str, Tensor], expected: Mapping[str, Tensor], cfg: ModelConfig, lay: HFLayout
-) -> dict[str, Tensor]:
-    """Rewrite transformers 5's in-memory layout as hub names (views, no copies).
+@dataclass(frozen=True)
+class Piece:
+    """Where one tensor comes from: ``tensors[name][index]`` of a checkpoint (``index`` picks one
+    expert of a fused tensor, and gate or up rows of ``gate_up_proj``, strided for gpt-oss's
+    interleaved columns; empty: the whole tensor), its last two dims swapped when ``transpose``
+    (the ``[in, out]`` fused tensors of ``HFLayout.fused`` types).
+
+    Loading in one process reads whole tensors and indexes them; sharded loading
+    (``moekit.parallel.loading``) reads only the slice of a piece it holds."""
+
+    name: str
+    index: tuple[int | slice, ...] = ()
+    transpose: bool = False
+
+
+# A moekit state-dict key's source: one piece, or (stacked routed experts) one piece per expert.
+Source = Piece | list[Piece]
+
+
+def _hub_pieces(
+    tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], cfg: ModelConfig, lay: HFLayout
+) -> dict[str, Piece]:
+    """Hub name -> where the checkpoint holds it, reading transformers 5's in-memory layout too.
 
     transformers 5 names Mixtral's sparse block ``mlp`` (not ``block_sparse_moe``) and fuses
     experts into ``experts.gate_up_proj [E, 2F, D]`` (gate rows, then up rows) and
     ``experts.down_proj [E, D, F]``; a raw ``state_dict()`` of such a model has those names.
     """
-    out: dict[str, Tensor] = {}
+    out: dict[str, Piece] = {}
     alias = re.compile(r"model\.layers\.(\d+)\.mlp\.")
-    for name, t in tensors.items():
+    fused = re.compile(rf"model\.layers\.(\d+)\.{lay.moe}\.experts\.(gate_up_proj|down_proj)")
+    for source, t in tensors.items():
+        name = source
         m = alias.match(name)
         if m is not None and lay.moe != "mlp" and cfg.is_moe_layer(int(m.group(1))):
             name = f"model.layers.{m.group(1)}.{lay.moe}.{name[m.end() :]}"
-        out[name] = t
-    fused = re.compile(rf"model\.layers\.(\d+)\.{lay.moe}\.experts\.(gate_up_proj|down_proj)")
-    for name, t in list(out.items()) if lay.fused is None else ():
-        m = fused.fullmatch(name)
+        m = fused.fullmatch(name) if lay.fused is None else None  # fused-only types keep their names
         if m is None:
+            out[name] = Piece(source)
             continue
         layer = int(m.group(1))
         names = expert_names(layer, cfg.moe.n_routed_experts if cfg.moe else 0, lay)
         if not names or names[0][0] not in expected:
-            raise CheckpointError(f"unexpected tensor {name!r}: layer {layer} has no routed experts")
+            raise CheckpointError(f"unexpected tensor {source!r}: layer {layer} has no routed experts")
         f, d = expected[names[0][0]].shape
         want = (len(names), 2 * f, d) if m.group(2) == "gate_up_proj" else (len(names), d, f)
         if tuple(t.shape) != want:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want}")
-        del out[name]
-        for (gate, up, down), t_e in zip(names, t.unbind(0), strict=True):
+            raise CheckpointError(f"tensor {source!r} has shape {tuple(t.shape)}, expected {want}")
+        for j, (gate, up, down) in enumerate(names):
             if m.group(2) == "gate_up_proj":
-                out[gate], out[up] = t_e[:f], t_e[f:]
+                out[gate], out[up] = Piece(source, (j, slice(0, f))), Piece(source, (j, slice(f, 2 * f)))
             else:
-                out[down] = t_e
+                out[down] = Piece(source, (j,))
     return out
+
+
+def resolve(tensors: Mapping[str, Tensor], piece: Piece) -> Tensor:
+    """The tensor a piece names (a view when it only picks whole rows or blocks; contiguous when
+    it strides or transposes, as parameters must be)."""
+    t = tensors[piece.name]
+    t = t[piece.index] if piece.index else t
+    strided = any(isinstance(i, slice) and (i.step or 1) != 1 for i in piece.index)
+    return t.transpose(-1, -2).contiguous() if piece.transpose else t.contiguous() if strided else t
+
+
+def _fused_pieces(name: str, kept: Mapping[str, Tensor], lay: HFLayout) -> Piece:
+    """The moekit expert tensor ``name`` (``layers.{i}.ffn.experts.w1`` ... ``b2``) of a fused-only
+    type as one piece of its ``gate_up_proj [E, D, 2F]`` / ``down_proj [E, F, D]`` (or their
+    ``_bias``): gate and up columns interleaved (gpt-oss: even, odd) or concatenated (Llama 4)."""
+    m = re.fullmatch(_L + r"ffn\.experts\.(w1|w3|w2|b1|b3|b2)", name)
+    assert m is not None
+    base, which = f"model.layers.{m.group(1)}.{lay.moe}.experts.", m.group(2)
+    if which in ("w2", "b2"):
+        return Piece(base + ("down_proj" if which == "w2" else "down_proj_bias"), transpose=which == "w2")
+    fused = base + ("gate_up_proj" if which in ("w1", "w3") else "gate_up_proj_bias")
+    two_f = kept[fused].shape[-1]
+    up = which in ("w3", "b3")
+    cols = (
+        slice(int(up), two_f, 2)
+        if lay.fused == "interleaved"
+        else slice(two_f // 2, two_f)
+        if up
+        else slice(0, two_f // 2)
+    )
+    lead = (slice(None),) * (kept[fused].dim() - 1)
+    return Piece(fused, (*lead, cols), transpose=which in ("w1", "w3"))
 
 
 def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str = "checkpoint") -> None:
@@ -231,9 +268,61 @@ def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor],
     for k, want in expected.items():
         got = tensors[k]
         if tuple(got.shape) != tuple(want.shape):
-            raise CheckpointError(f"tensor {k!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            raise CheckpointError(f"{what}: tensor {k!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
         if not got.is_floating_point():
-            raise CheckpointError(f"tensor {k!r} has dtype {got.dtype}, expected a floating-point tensor")
+            raise CheckpointError(f"{what}: tensor {k!r} has dtype {got.dtype}, expected a floating-point tensor")
+
+
+def prepare_hf_tensors(
+    tensors: Mapping[str, Tensor], cfg: ModelConfig, model_type: str, ignore: Callable[[str], bool] | None = None
+) -> dict[str, Tensor]:
+    """The checkpoint's tensors under the names ``hf_sources``' pieces use: those ``ignore`` names
+    dropped, then the type's ``HFLayout.from_file`` rewrite (renames, and views split from fused
+    file tensors). Without a rewrite, the checkpoint's own names."""
+    lay = layout(model_type)
+    kept = {k: v for k, v in tensors.items() if not (ignore and ignore(k))}
+    return lay.from_file(kept, cfg) if lay.from_file is not None else kept
+
+
+def hf_sources(
+    tensors: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    model_type: str,
+    ignore: Callable[[str], bool] | None = None,
+    what: str = "checkpoint",
+) -> dict[str, Source]:
+    """Where each tensor of a moekit state dict comes from in HF ``tensors`` (hub or fused layout;
+    meta tensors suffice), checked strictly: every expected tensor present with its shape. The
+    pieces name tensors of ``prepare_hf_tensors(tensors, ...)``: of the files themselves unless the
+    type rewrites them (``HFLayout.from_file``).
+
+    ``ignore`` drops names the model does not use (say, DeepSeek-V3's multi-token-prediction
+    layers). A tied ``lm_head.weight`` in the checkpoint is accepted and ignored, as transformers does.
+    Raises ``CheckpointError`` naming the first missing, unexpected or misshapen tensor.
+    """
+    lay = layout(model_type)
+    meta = meta_state_dict(cfg)
+    expected = to_hf_state_dict(meta, cfg, model_type, standard=True)
+    kept = prepare_hf_tensors(tensors, cfg, model_type, ignore)
+    if cfg.tie_embeddings and "lm_head.weight" in kept and "lm_head.weight" not in expected:
+        del kept["lm_head.weight"]
+    pieces = _hub_pieces(kept, expected, cfg, lay)
+    check_tensors({name: resolve(kept, p) for name, p in pieces.items()}, expected, what)
+    out: dict[str, Source] = {}
+    for name in meta:
+        if lay.fused is not None and (_EXPERTS.fullmatch(name) or _EXPERT_BIAS.fullmatch(name)):
+            out[name] = _fused_pieces(name, kept, lay)
+            continue
+        m = _EXPERTS.fullmatch(name)
+        if m is not None:  # one [F, D] / [D, F] piece per expert, stacked along dim 0
+            layer, w = int(m.group(1)), _W_INDEX[m.group(2)]
+            per_expert = expert_names(layer, cfg.moe.n_routed_experts if cfg.moe else 0, lay)
+            out[name] = [pieces[n[w]] for n in per_expert]
+        elif name == "lm_head.weight" and cfg.tie_embeddings:
+            out[name] = pieces["model.embed_tokens.weight"]
+        else:
+            out[name] = pieces[hf_name(name, lay, model_type)]
+    return out
 
 
 def from_hf_state_dict(
@@ -243,49 +332,30 @@ def from_hf_state_dict(
     ignore: Callable[[str], bool] | None = None,
     what: str = "checkpoint",
 ) -> dict[str, Tensor]:
-    """HF tensors (hub or fused layout) -> a complete moekit state dict, checked strictly.
-
-    ``ignore`` drops names the model does not use (say, DeepSeek-V3's multi-token-prediction
-    layers). A tied ``lm_head.weight`` in the checkpoint is accepted and ignored, as transformers does.
-    Raises ``CheckpointError`` naming the first missing, unexpected or misshapen tensor.
-    """
-    lay = layout(model_type)
-    meta = meta_state_dict(cfg)
-    expected = to_hf_state_dict(meta, cfg, model_type, standard=True)
-    kept = {k: v for k, v in tensors.items() if not (ignore and ignore(k))}
-    if lay.from_file is not None:
-        kept = lay.from_file(kept, cfg)
-    if cfg.tie_embeddings and "lm_head.weight" in kept and "lm_head.weight" not in expected:
-        del kept["lm_head.weight"]
-    kept = _to_hub_layout(kept, expected, cfg, lay)
-    check_tensors(kept, expected, what)
-    out: dict[str, Tensor] = {}
-    for name in meta:
-        if lay.fused is not None and (_EXPERTS.fullmatch(name) or _EXPERT_BIAS.fullmatch(name)):
-            out[name] = _unfuse_interleaved(kept, name, lay)
-            continue
-        m = _EXPERTS.fullmatch(name)
-        if m is not None:  # stack the per-expert matrices along dim 0: [E, F, D] / [E, D, F]
-            layer, w = int(m.group(1)), _W_INDEX[m.group(2)]
-            per_expert = expert_names(layer, cfg.moe.n_routed_experts if cfg.moe else 0, lay)
-            out[name] = torch.stack([kept[n[w]] for n in per_expert])
-        elif name == "lm_head.weight" and cfg.tie_embeddings:
-            out[name] = kept["model.embed_tokens.weight"]
-        else:
-            out[name] = kept[hf_name(name, lay, model_type)]
-    return out
+    """HF tensors (hub or fused layout) -> a complete moekit state dict (see ``hf_sources``)."""
+    sources = hf_sources(tensors, cfg, model_type, ignore, what)
+    named = prepare_hf_tensors(tensors, cfg, model_type, ignore)
+    return {
+        name: torch.stack([resolve(named, p) for p in src]) if isinstance(src, list) else resolve(named, src)
+        for name, src in sources.items()
+    }
 
 
 __all__ = [
     "LAYOUTS",
     "CheckpointError",
     "HFLayout",
+    "Piece",
+    "Source",
     "UnsupportedError",
     "check_tensors",
     "expected_hf_tensors",
     "from_hf_state_dict",
     "hf_name",
+    "hf_sources",
     "layout",
     "meta_state_dict",
+    "prepare_hf_tensors",
+    "resolve",
     "to_hf_state_dict",
 ]

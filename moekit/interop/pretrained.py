@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,9 +38,14 @@ from moekit.config import ConfigError, ModelConfig
 from moekit.files import record_owned, write_bytes, write_errors, write_json
 from moekit.interop.hf_weights import (
     CheckpointError,
+    Piece,
+    Source,
     UnsupportedError,
     check_tensors,
-    from_hf_state_dict,
+    hf_sources,
+    layout,
+    prepare_hf_tensors,
+    resolve,
     to_hf_state_dict,
 )
 from moekit.interop.run_folder import resolve_run_folder
@@ -106,23 +113,37 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has neither {WEIGHTS} nor {INDEX}{hint}")
 
 
-def read_tensors(folder: Path, meta: bool = False) -> dict[str, Tensor]:
-    """Every tensor of the folder's safetensors files; meta tensors (header only) when ``meta``."""
-    out: dict[str, Tensor] = {}
+def read_headers(folder: Path) -> dict[str, tuple[Path, Tensor]]:
+    """Every tensor of the folder's safetensors files as ``name -> (file, meta tensor)``: names,
+    shapes and dtypes from the headers, no data read."""
+    out: dict[str, tuple[Path, Tensor]] = {}
     for path in weight_files(folder):
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if name in out:
                         raise CheckpointError(f"tensor {name!r} appears in more than one shard ({path.name})")
-                    if meta:
-                        sl = f.get_slice(name)
-                        dtype = _ST_DTYPES.get(sl.get_dtype())
-                        if dtype is None:
-                            raise CheckpointError(f"tensor {name!r} has unsupported dtype {sl.get_dtype()}")
-                        out[name] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
-                    else:
-                        out[name] = f.get_tensor(name)
+                    sl = f.get_slice(name)
+                    dtype = _ST_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise CheckpointError(f"tensor {name!r} in {path.name} has unsupported dtype {sl.get_dtype()}")
+                    out[name] = (path, torch.empty(sl.get_shape(), dtype=dtype, device="meta"))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+    return out
+
+
+def read_tensors(folder: Path, meta: bool = False) -> dict[str, Tensor]:
+    """Every tensor of the folder's safetensors files; meta tensors (header only) when ``meta``."""
+    headers = read_headers(folder)
+    if meta:
+        return {name: t for name, (_, t) in headers.items()}
+    out: dict[str, Tensor] = {}
+    for path in dict.fromkeys(p for p, _ in headers.values()):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118
+                    out[name] = f.get_tensor(name)
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"cannot read {path}: {e}") from None
     return out
@@ -200,6 +221,55 @@ def load_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any] | None]:
     return config_from_hf(raw, where=f"{folder / CONFIG}"), raw
 
 
+@dataclass
+class Checkpoint:
+    """A checkpoint folder checked on its headers: what to build and where each tensor comes from."""
+
+    path: Path  # what the caller named (a folder or a run directory)
+    folder: Path  # the folder holding the weights
+    config: ModelConfig
+    raw: dict[str, Any] | None  # a Hugging Face folder's config.json
+    headers: dict[str, tuple[Path, Tensor]]  # checkpoint tensor name -> (file, meta tensor)
+    sources: dict[str, Source]  # moekit state-dict key -> where it comes from (a piece of ``named``)
+    # The type's rewrite of the file tensors into the names the pieces use (``prepare_hf_tensors``:
+    # HFLayout.from_file); None: the pieces name file tensors.
+    rewrite: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+
+    @property
+    def named(self) -> dict[str, Tensor]:
+        """The meta tensors the sources' pieces name (the headers', rewritten if the type does)."""
+        meta = {name: t for name, (_, t) in self.headers.items()}
+        return self.rewrite(meta) if self.rewrite is not None else meta
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's dtype: that of its embedding."""
+        embed = self.sources["embed.weight"]
+        assert isinstance(embed, Piece)
+        return self.named[embed.name].dtype
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint folder's config and tensor headers and check them (names, shapes, config
+    options) without reading any data. Raises a ``MoekitError`` naming the field or tensor."""
+    run = resolve_run_folder(path)
+    folder = Path(path) if run is None else run.checkpoint
+    cfg, raw = load_config(folder)
+    headers = read_headers(folder)
+    meta = {name: t for name, (_, t) in headers.items()}
+    check_tied_head(meta, cfg.tie_embeddings, str(folder))  # shapes here; loaders check the values they read
+    if raw is not None:
+        t = get_type(raw["model_type"])
+        ignore = t.ignore(raw, cfg.n_layers) if t is not None else None
+        sources = hf_sources(meta, cfg, raw["model_type"], ignore, what=f"checkpoint {folder}")
+        if layout(raw["model_type"]).from_file is not None:
+            rewrite = partial(prepare_hf_tensors, cfg=cfg, model_type=raw["model_type"], ignore=ignore)
+            return Checkpoint(Path(path), folder, cfg, raw, headers, sources, rewrite)
+    else:
+        sources = _moekit_sources(meta, cfg, what=f"moekit checkpoint {folder}")
+    return Checkpoint(Path(path), folder, cfg, raw, headers, sources)
+
+
 def from_pretrained(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
 ) -> MoETransformer:
@@ -213,32 +283,30 @@ def from_pretrained(
     ``device="meta"`` reads headers only. ``model.tokenizer`` is the folder's tokenizer or None.
     ``path`` may be a moekit training run directory: its newest checkpoint is loaded.
     Raises ``CheckpointError`` / ``UnsupportedError`` / ``ConfigError`` (all ``MoekitError``).
+    ``moekit.parallel.load_sharded`` loads one process's shard of the experts instead.
     """
-    run = resolve_run_folder(path)
-    folder = Path(path) if run is None else run.checkpoint
-    cfg, raw = load_config(folder)
     target = _resolve_dtype(dtype)
-
-    def state_dict(meta: bool) -> dict[str, Tensor]:
-        tensors = read_tensors(folder, meta=meta)
-        check_tied_head(tensors, cfg.tie_embeddings, str(folder))
-        if raw is not None:
-            t = get_type(raw["model_type"])
-            ignore = t.ignore(raw, cfg.n_layers) if t is not None else None
-            return from_hf_state_dict(tensors, cfg, raw["model_type"], ignore, what=f"checkpoint {folder}")
-        return _from_moekit_state_dict(tensors, cfg, what=f"moekit checkpoint {folder}")
-
-    # Check everything on the headers first, so a bad folder fails before any data is read.
-    sd = state_dict(meta=True)
+    ckpt = open_checkpoint(path)  # everything checked on the headers before any data is read
     meta = torch.device(device).type == "meta"
-    if not meta:
-        sd = state_dict(meta=False)
-    model = _assemble(cfg, sd, target or sd["embed.weight"].dtype)
+    tensors = {n: t for n, (_, t) in ckpt.headers.items()} if meta else read_tensors(ckpt.folder)
+    check_tied_head(tensors, ckpt.config.tie_embeddings, str(ckpt.folder))  # now on the values
+    if ckpt.rewrite is not None:
+        tensors = ckpt.rewrite(tensors)  # views of the file tensors, under the names the pieces use
+    sd = {
+        name: torch.stack([resolve(tensors, p) for p in src]) if isinstance(src, list) else resolve(tensors, src)
+        for name, src in ckpt.sources.items()
+    }
+    model = _assemble(ckpt.config, sd, target or ckpt.dtype)
     if not meta:
         model.to(device)
+    return finish_loading(model, ckpt)
+
+
+def finish_loading(model: MoETransformer, ckpt: Checkpoint) -> MoETransformer:
+    """Eval mode, the folder's tokenizer and generation defaults."""
     model.eval()
-    model.tokenizer = load_tokenizer(path)
-    model.generation_config = GenerationConfig.from_folder(folder)
+    model.tokenizer = load_tokenizer(ckpt.path)
+    model.generation_config = GenerationConfig.from_folder(ckpt.folder)
     return model
 
 
@@ -249,20 +317,25 @@ def _moekit_tensors(model: MoETransformer) -> dict[str, Tensor]:
     return sd
 
 
-def _from_moekit_state_dict(tensors: dict[str, Tensor], cfg: ModelConfig, what: str) -> dict[str, Tensor]:
+def _moekit_sources(tensors: dict[str, Tensor], cfg: ModelConfig, what: str) -> dict[str, Source]:
     with torch.device("meta"):
         expected = _moekit_tensors(MoETransformer(cfg))
     check_tensors(tensors, expected, what)
-    sd = dict(tensors)
+    sources: dict[str, Source] = {name: Piece(name) for name in tensors}
     if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["embed.weight"]
-    return sd
+        sources["lm_head.weight"] = Piece("embed.weight")
+    return sources
 
 
-def _assemble(cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype) -> MoETransformer:
-    """Build ``cfg`` on the meta device and adopt the checked tensors (no init, no copy on CPU)."""
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
+def _assemble(
+    cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype, model: MoETransformer | None = None
+) -> MoETransformer:
+    """Build ``cfg`` on the meta device and adopt the checked tensors (no init, no copy on CPU).
+
+    ``model``: a meta model already built (and sharded by ``moekit.parallel``) to adopt them."""
+    if model is None:
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
     buffers = {name for name, _ in model.named_buffers()}
     cast = {k: t.to(torch.float32 if k in buffers else dtype) if t.is_floating_point() else t for k, t in sd.items()}
     model.load_state_dict(cast, strict=True, assign=True)
@@ -406,10 +479,14 @@ def convert(
 
 __all__ = [
     "SIDE_FILES",
+    "Checkpoint",
     "convert",
+    "finish_loading",
     "from_pretrained",
     "load_config",
     "load_tokenizer",
+    "open_checkpoint",
+    "read_headers",
     "read_tensors",
     "save_pretrained",
     "weight_files",

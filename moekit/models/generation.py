@@ -180,12 +180,15 @@ def generate(
     seed: int | None = None,
     attention_mask: Tensor | None = None,
     streamer: Streamer | None = None,
+    token_sync: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The prompt ``input_ids`` ``[B, T]`` followed by up to ``max_new_tokens`` new tokens.
 
     ``attention_mask`` ``[B, T]``: 0 at left padding. ``eos_token_id``: one id or several; a row
     that produced one is finished. ``seed``: sampling draws from a generator seeded with it (the
     same seed, prompt and settings give the same tokens). ``streamer.put`` gets each step's tokens.
+    ``token_sync`` makes the processes of a sharded model agree on each step's tokens (it returns
+    rank 0's, see ``moekit.parallel.inference``), so they stop at the same step.
     A prompt plus ``max_new_tokens`` longer than the model's ``max_seq_len`` is a
     ``ContextLengthError``.
     """
@@ -226,6 +229,8 @@ def generate(
     new: list[Tensor] = []
     for step in range(max_new):
         next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
+        if token_sync is not None:
+            next_B = token_sync(next_B)
         if eos_ids:
             next_B = next_B.masked_fill(finished_B, pad)
             finished_B = finished_B | torch.isin(next_B, eos_t)

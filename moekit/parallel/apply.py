@@ -52,7 +52,9 @@ class ExpertShard:
 def parallelize(model: nn.Module, layout: Layout, groups: ProcessGroups | None = None) -> nn.Module:
     """Shard ``model``'s experts and install the dispatchers for ``layout``, in place; returns it.
 
-    Call it on every rank, after building (and loading) the full model identically everywhere.
+    Call it on every rank, after building (and loading) the full model identically everywhere;
+    or on a model built on the meta device, whose expert shapes it slices without any data
+    (``moekit.parallel.loading.load_sharded`` then reads only those slices).
     """
     cfg = model.config
     moe = cfg.moe

@@ -51,8 +51,8 @@ from moekit.balancing import balance_terms, chosen_counts, max_vio, routing_stat
 from moekit.config import ConfigError
 from moekit.errors import MoekitError
 from moekit.files import (
-    LOCK_FILE,
     check_folder_arg,
+    check_unlocked,
     folder_lock,
     listing,
     read_owned,
@@ -124,9 +124,7 @@ def resolve_run(out: Path, run: RunConfig | None, *, resume: bool, force: bool, 
     out = check_folder_arg(out, "run directory")
     if resume and force:
         raise RunDirError("pass either --resume or --force, not both")
-    if (out / LOCK_FILE).exists():
-        with folder_lock(out, "run directory"):  # refused at once while another process trains here
-            pass
+    check_unlocked(out, "run directory")  # refused at once while another process trains here
     if run is not None and steps is not None:
         run = run.with_overrides({"train.steps": steps})
     if not is_run_dir(out) and user_entries(out):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -63,3 +64,27 @@ def torchrun_fixture():
 def worker_pid_fixture():
     """``worker_pid(launcher, rank) -> pid``."""
     return worker_pid
+
+
+@pytest.fixture(scope="session", params=[2, 4], ids=["world2", "world4"])
+def dist_results(request, tmp_path_factory) -> dict:
+    """ONE launch per world size for all of tests/parallel's multi-process cases (a launch costs
+    ~25 s at 2 processes, ~45 s at 4): ``{"equivalence": ..., "loading": ...}`` from ``dist_cases.py``,
+    plus ``"root"``, the folder ``prepare_loading.py`` wrote (and the launch added to)."""
+    from tests.parallel.prepare_loading import prepare
+
+    world = request.param
+    root = tmp_path_factory.mktemp(f"dist{world}")
+    cache = os.environ.get("MOEKIT_CACHE_DIR")
+    os.environ["MOEKIT_CACHE_DIR"] = str(root / "cache")
+    try:
+        prepare(root, world)
+        out = root / "results.json"
+        proc = torchrun(world, [str(Path(__file__).parent / "dist_cases.py"), str(out), str(root)], timeout=900)
+    finally:
+        if cache is None:
+            os.environ.pop("MOEKIT_CACHE_DIR")
+        else:
+            os.environ["MOEKIT_CACHE_DIR"] = cache
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return {**json.loads(out.read_text()), "root": str(root), "world": world}

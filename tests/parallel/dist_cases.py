@@ -1,5 +1,7 @@
-"""Run under ``torchrun --nproc-per-node W dist_cases.py OUT.json``: every layout of world size W
-against one process on the same global batch, in fp32; rank 0 writes the measured errors.
+"""Run under ``torchrun --nproc-per-node W dist_cases.py OUT.json [ROOT]``: every layout of world
+size W against one process on the same global batch, in fp32; rank 0 writes the measured errors.
+With ROOT (folders written by ``prepare_loading.py``) it also runs ``dist_loading.py``'s
+checkpoint, sharded-loading, inference and resume cases.
 
 One launch loops over all cases (spawning processes costs ~25 s here); ``test_equivalence.py``
 asserts on the JSON. Errors are per-tensor ``|a - b| / |b|`` (absolute when ``b`` is 0).
@@ -247,10 +249,31 @@ def planned_counts(world: int) -> dict:
     return out
 
 
+def run_loading_cases(root: Path, world: int) -> dict:
+    """``dist_loading.py``'s cases on the folders ``prepare_loading.py`` wrote under ``root``."""
+    import dist_loading as cases  # beside this script (torchrun puts its folder on sys.path)
+
+    out = {
+        "sharded_hf": cases.sharded_hf(root, world),
+        "bad_folders": cases.bad_folders(root, world),
+        "cli_generate": cases.cli_generate(root, world),
+    }
+    if world == 2:
+
+        def batch():
+            return torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(4))
+
+        out["expert_placement"] = cases.expert_placement(root, world, model_cfg, build, batch)
+    if world == 4:
+        out["resume"] = cases.resume_across_layouts(root, world)
+    return out
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
+    loading = run_loading_cases(Path(sys.argv[2]), world) if len(sys.argv) > 2 else {}
     results = {}
     for name, layout, moe_kw, unpicked in CASES[world]:
         results[name] = run_case(name, layout, moe_kw, unpicked, rank, world)
@@ -267,7 +290,7 @@ def main() -> None:
         results["train"] = per_rank
     if rank == 0:
         with open(sys.argv[1], "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"equivalence": results, "loading": loading}, f, indent=1)
     dist.destroy_process_group()
 
 

@@ -1,12 +1,12 @@
 """N gloo processes against one process on the same global batch (fp32), for every layout of the
 issue: forward outputs, losses, input gradients, every parameter's gradient (relative error
 <= 1e-5 per tensor), three optimiser steps, capacity dropping per micro-batch, and zero-token
-experts and ranks. ``dist_cases.py`` runs all cases of one world size in one torchrun launch.
+experts and ranks. ``dist_cases.py`` runs all cases of one world size in one torchrun launch
+(the session fixture ``dist_results`` in conftest.py).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,15 +16,9 @@ TOL = 1e-5
 NOT_LAYOUTS = ("planned", "train")  # results that are not one layout's case
 
 
-def launch(torchrun, world: int, out: Path) -> dict:
-    proc = torchrun(world, [str(HERE / "dist_cases.py"), str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
-@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
-def results(request, tmp_path_factory, torchrun):
-    return launch(torchrun, request.param, tmp_path_factory.mktemp("dist") / "results.json")
+@pytest.fixture(scope="module")
+def results(dist_results) -> dict:
+    return dist_results["equivalence"]
 
 
 def test_layouts_equal_one_process(results):
