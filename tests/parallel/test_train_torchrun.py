@@ -36,8 +36,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def readme_torchrun() -> list[str]:
-    """The README's torchrun line, split: (nproc, moekit train arguments)."""
-    line = re.search(r"^torchrun .*$", (ROOT / "README.md").read_text(), re.M).group(0)
+    """The README's torchrun training line, split: (nproc, moekit train arguments)."""
+    line = re.search(r"^torchrun .* -m moekit train .*$", (ROOT / "README.md").read_text(), re.M).group(0)
     words = shlex.split(line)
     assert words[:2] == ["torchrun", "--nproc-per-node"] and words[3:5] == ["-m", "moekit"]
     return int(words[2]), words[5:]
