@@ -162,3 +162,29 @@ def qwen_placement(cfg: ModelConfig) -> dict[str, Any]:
     """Qwen: layer i is MoE iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
     moe_ids = set(cfg.moe_layer_ids)
     return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(cfg.n_layers) if i not in moe_ids]}
+
+
+def dense_first_shared_moe(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The DeepSeek-V3-layout MoE keys (DeepSeek-V2/V3, GLM-4.5, dots.llm1): dense layers first, then only
+    MoE layers; shared experts ungated, as a positive multiple of the routed expert width."""
+    moe = cfg.moe
+    assert moe is not None and moe.shared_ffn_dim is not None
+    first = cfg.n_dense_layers
+    layers_ok = cfg.moe_layer_ids == list(range(first, cfg.n_layers))
+    require(layers_ok, "moe layers", cfg.moe_layer_ids, model_type, "dense layers first, then only MoE layers")
+    require(not moe.shared_expert_gate, "moe.shared_expert_gate", True, model_type, "False")
+    shared_width = moe.n_shared_experts * moe.shared_ffn_dim
+    ok = shared_width > 0 and shared_width % moe.expert_ffn_dim == 0
+    multiple = f"a positive multiple of moe.expert_ffn_dim ({moe.expert_ffn_dim})"
+    require(ok, "moe.n_shared_experts * moe.shared_ffn_dim", shared_width, model_type, multiple)
+    return dict(
+        intermediate_size=cfg.dense_ffn_dim,
+        moe_intermediate_size=moe.expert_ffn_dim,
+        n_routed_experts=moe.n_routed_experts,
+        n_shared_experts=shared_width // moe.expert_ffn_dim,
+        first_k_dense_replace=first,
+        n_group=moe.n_group,
+        topk_group=moe.topk_group,
+        norm_topk_prob=moe.norm_topk_prob,
+        routed_scaling_factor=moe.routed_scaling_factor,
+    )

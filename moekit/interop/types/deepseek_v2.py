@@ -19,7 +19,7 @@ from moekit.config import ConfigError, ModelConfig, MoEConfig
 from moekit.interop.types._base import GATE_UP_DOWN, HFLayout, ModelType, refused
 from moekit.interop.types._reader import Reader, common, make, mlp_bias_unsupported, placement
 from moekit.interop.types._writer import common as write_common
-from moekit.interop.types._writer import require
+from moekit.interop.types._writer import dense_first_shared_moe, require
 from moekit.interop.types.deepseek import deepseek_moe_fields, deepseek_moe_ids
 
 ARCHITECTURE = "DeepseekV2ForCausalLM"
@@ -92,31 +92,9 @@ def write_mla(cfg: ModelConfig, mt: str, architecture: str) -> tuple[MoEConfig, 
     moe, out = write_common(cfg, mt, architecture)
     att = cfg.attention
     require(att.kind == "mla", "attention.kind", att.kind, mt, "'mla'")
-    first = cfg.n_dense_layers
-    require(
-        cfg.moe_layer_ids == list(range(first, cfg.n_layers)),
-        "moe layers",
-        cfg.moe_layer_ids,
-        mt,
-        "dense layers first, then only MoE layers",
-    )
-    require(not moe.shared_expert_gate, "moe.shared_expert_gate", True, mt, "False")
-    assert moe.shared_ffn_dim is not None
-    shared_width = moe.n_shared_experts * moe.shared_ffn_dim
-    ok = moe.n_shared_experts > 0 and shared_width % moe.expert_ffn_dim == 0
-    multiple = f"a positive multiple of moe.expert_ffn_dim ({moe.expert_ffn_dim})"
-    require(ok, "moe.n_shared_experts * moe.shared_ffn_dim", shared_width, mt, multiple)
+    out.update(dense_first_shared_moe(cfg, mt))
     out.update(
         num_key_value_heads=att.n_heads,
-        intermediate_size=cfg.dense_ffn_dim,
-        moe_intermediate_size=moe.expert_ffn_dim,
-        n_routed_experts=moe.n_routed_experts,
-        n_shared_experts=shared_width // moe.expert_ffn_dim,
-        first_k_dense_replace=first,
-        n_group=moe.n_group,
-        topk_group=moe.topk_group,
-        norm_topk_prob=moe.norm_topk_prob,
-        routed_scaling_factor=moe.routed_scaling_factor,
         q_lora_rank=att.q_lora_rank,
         kv_lora_rank=att.kv_lora_rank,
         qk_nope_head_dim=att.qk_nope_head_dim,

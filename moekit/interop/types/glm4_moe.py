@@ -17,7 +17,7 @@ from moekit.config import ConfigError, ModelConfig
 from moekit.interop.types._base import GATE_UP_DOWN, HFLayout, ModelType
 from moekit.interop.types._reader import MISSING, Reader, common, make, mlp_bias_unsupported, partial_rotary_factor
 from moekit.interop.types._writer import common as write_common
-from moekit.interop.types._writer import require
+from moekit.interop.types._writer import dense_first_shared_moe, require
 from moekit.interop.types.deepseek import mtp_extras
 
 ARCHITECTURE = "Glm4MoeForCausalLM"
@@ -72,31 +72,7 @@ def write_moe(cfg: ModelConfig, mt: str) -> dict[str, Any]:
         require(moe.group_score == "top2_sum", "moe.group_score", moe.group_score, mt, "'top2_sum'")
         per_group = moe.n_routed_experts // moe.n_group
         require(per_group >= 2, "moe.n_group", moe.n_group, mt, "at least 2 experts per group")
-    first = cfg.n_dense_layers
-    require(
-        cfg.moe_layer_ids == list(range(first, cfg.n_layers)),
-        "moe layers",
-        cfg.moe_layer_ids,
-        mt,
-        "dense layers first, then only MoE layers",
-    )
-    require(not moe.shared_expert_gate, "moe.shared_expert_gate", True, mt, "False")
-    assert moe.shared_ffn_dim is not None
-    shared_width = moe.n_shared_experts * moe.shared_ffn_dim
-    multiple = f"a positive multiple of moe.expert_ffn_dim ({moe.expert_ffn_dim})"
-    ok = shared_width > 0 and shared_width % moe.expert_ffn_dim == 0
-    require(ok, "moe.n_shared_experts * moe.shared_ffn_dim", shared_width, mt, multiple)
-    return dict(
-        intermediate_size=cfg.dense_ffn_dim,
-        moe_intermediate_size=moe.expert_ffn_dim,
-        n_routed_experts=moe.n_routed_experts,
-        n_shared_experts=shared_width // moe.expert_ffn_dim,
-        first_k_dense_replace=first,
-        n_group=moe.n_group,
-        topk_group=moe.topk_group,
-        norm_topk_prob=moe.norm_topk_prob,
-        routed_scaling_factor=moe.routed_scaling_factor,
-    )
+    return dense_first_shared_moe(cfg, mt)
 
 
 def write(cfg: ModelConfig) -> dict[str, Any]:
