@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from moekit.interop.hf_config import config_from_hf
@@ -162,3 +163,51 @@ def check_config_round_trip(model) -> None:
     cfg = model.config
     back = config_from_hf(to_hf_config(cfg))
     assert back.to_dict() | {"name": ""} == cfg.to_dict() | {"name": ""}
+
+
+def pair_fixture(cases: dict[str, dict], common: dict):
+    """A module's ``pair`` fixture over its ``cases``: (transformers model, moekit model loaded from
+    transformers' ``save_pretrained`` folder, that folder)."""
+
+    @pytest.fixture(scope="module", params=sorted(cases))
+    def pair(request, tmp_path_factory):
+        import transformers
+
+        kw = dict(cases[request.param])
+        hf = build_hf(transformers, kw.pop("model_type"), **common, **kw)
+        folder = tmp_path_factory.mktemp(request.param)
+        return hf, save_and_load(hf, folder), folder
+
+    return pair
+
+
+class ParityChecks:
+    """The checks every group's cases run; a group module subclasses it as ``Test...`` beside its ``pair``."""
+
+    def test_logits_match_transformers(self, pair):
+        hf, model, _ = pair
+        check_logits(hf, model)
+
+    def test_cached_decoding_equals_full_forward(self, pair):
+        check_cached_equals_full(pair[1])
+
+    def test_greedy_generation_matches_transformers(self, pair):
+        hf, model, _ = pair
+        check_greedy(hf, model)
+
+    def test_left_padded_batch_matches_transformers(self, pair):
+        hf, model, _ = pair
+        check_left_padded_batch(hf, model)
+
+    def test_moekit_written_hf_folder_loads_in_transformers(self, pair, tmp_path):
+        import transformers
+
+        hf, model, folder = pair
+        check_written_folder(transformers, hf, model, folder, tmp_path / "out")
+
+    @pytest.mark.parametrize("quant", QUANTIZATIONS, ids=["fp8", "mxfp4"])
+    def test_quantized_checkpoints_are_refused_naming_the_quantization(self, pair, quant, tmp_path):
+        check_quantized_refused(pair[2], tmp_path, quant)
+
+    def test_config_round_trip(self, pair):
+        check_config_round_trip(pair[1])

@@ -36,45 +36,11 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def pair(request, tmp_path_factory):
-    kw = dict(CASES[request.param])
-    hf = oracle.build_hf(transformers, kw.pop("model_type"), **COMMON, **kw)
-    folder = tmp_path_factory.mktemp(request.param)
-    return hf, oracle.save_and_load(hf, folder), folder
+pair = oracle.pair_fixture(CASES, COMMON)
 
 
-def test_logits_match_transformers(pair):
-    hf, model, _ = pair
-    oracle.check_logits(hf, model)
-
-
-def test_cached_decoding_equals_full_forward(pair):
-    oracle.check_cached_equals_full(pair[1])
-
-
-def test_greedy_generation_matches_transformers(pair):
-    hf, model, _ = pair
-    oracle.check_greedy(hf, model)
-
-
-def test_left_padded_batch_matches_transformers(pair):
-    hf, model, _ = pair
-    oracle.check_left_padded_batch(hf, model)
-
-
-def test_moekit_written_hf_folder_loads_in_transformers(pair, tmp_path):
-    hf, model, folder = pair
-    oracle.check_written_folder(transformers, hf, model, folder, tmp_path / "out")
-
-
-@pytest.mark.parametrize("quant", oracle.QUANTIZATIONS, ids=["fp8", "mxfp4"])
-def test_quantized_checkpoints_are_refused_naming_the_quantization(pair, quant, tmp_path):
-    oracle.check_quantized_refused(pair[2], tmp_path, quant)
-
-
-def test_config_round_trip(pair):
-    oracle.check_config_round_trip(pair[1])
+class TestAgainstTransformers(oracle.ParityChecks):
+    """Logits, cached decoding, greedy and left-padded generation, written folders, quantised refusals, config."""
 
 
 def test_layer_roles_as_transformers_assigns_them(pair):
