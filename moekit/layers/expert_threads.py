@@ -16,21 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-# NOTE: fine-grained experts get tens of rows each, and matmuls that small gain little from torch's
-# intra-op threads: every op forks and joins the OpenMP team, and on a machine shared with other
-# work each join can wait a whole time slice for a descheduled (or spinning) team member. Measured
-# on 2 cores, DeepSeek-V3-like (256 experts x 128 wide, 2048 tokens) forward: 2.04x dense with 2
-# intra-op threads against 1.58x with 2 single-threaded workers (OMP_WAIT_POLICY=passive), and 45x
-# against 2.0x with OpenMP's default spin-waiting on a busy machine. So for small experts the loop
-# splits the experts into ``torch.get_num_threads()`` contiguous groups of about equal rows and runs
-# each on a worker thread whose torch ops are single-threaded (ops release the GIL). Workers write
-# disjoint weight-gradient slices; each has its own ``[T, D]`` accumulator, summed once at the end.
-# Big experts (many rows x wide) keep torch's intra-op threads, which split one large matmul well.
-# Measured on 2 idle cores, hidden 1024: Mixtral-like at 2048 tokens (512 rows x 1024 wide per
-# expert) ran 0.94x dense inline and 1.23x on workers; DeepSeekMoE-like (192 x 256) 1.19x inline,
-# 1.13x on workers; its decode (6 x 256) 2.46x and 2.04x. Workers are used below this rows x width.
-_BIG_EXPERT = 2**18
-
+# NOTE: history and why the pool is off by default. The loop once split the experts of small
+# matmuls into ``torch.get_num_threads()`` groups on single-threaded workers (each op forking and
+# joining the OpenMP team looked wasteful for tens of rows). Measured again on 2 idle cores (one MoE
+# layer, 1024 tokens, D 256, forward+backward, median of 20): Qwen3-MoE-like 16 x 128 top-4: 35 ms on
+# 2 workers, 23 ms in the calling thread with 2 intra-op threads, 38 ms on 1 thread;
+# DeepSeek-V3-like 64 x 64 top-8: 46, 35 and 46 ms. The workers ran no faster than one thread because
+# libgomp's default wait policy spins: after each parallel region of the calling thread its OpenMP
+# team keeps a core busy for milliseconds (GOMP_SPINCOUNT), which the workers then share. With
+# OMP_WAIT_POLICY=passive the workers ran 23 and 30 ms, but every other op of the step (one OpenMP
+# region each) then pays a futex wake: the same inline layer took 54 ms. So the default is the
+# calling thread with torch's own threads (which ``moekit.runtime`` sizes to the free cores); the
+# workers run only inside ``expert_threads(n)`` with n > 1.
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _threads_override: int | None = None
@@ -38,9 +35,8 @@ _threads_override: int | None = None
 
 @contextlib.contextmanager
 def expert_threads(n: int | None):
-    """Run the fused CPU loop on ``n`` worker threads inside the block (1: in the calling thread
-    with torch's own intra-op threads; None, the default: ``torch.get_num_threads()`` workers for
-    small experts, the calling thread for big ones)."""
+    """Run the fused CPU loop on ``n`` worker threads inside the block (1 or None, the default: in
+    the calling thread with torch's own intra-op threads; see the NOTE above)."""
     global _threads_override
     if n is not None and n < 1:
         raise ValueError(f"expert_threads needs n >= 1 or None, got {n}")
@@ -88,22 +84,19 @@ if hasattr(os, "register_at_fork"):
 
 
 def _map_experts(
-    run: Callable[[list, Tensor | None], None], counts: list[int], ffn: int, acc_TD: Tensor | None, *rows_N
+    run: Callable[[list, Tensor | None], None], counts: list[int], acc_TD: Tensor | None, *rows_N
 ) -> Tensor | None:
     """Call ``run(experts, acc)`` on groups of the non-empty experts and return ``acc`` summed.
 
     ``experts`` lists ``(e, *[rows of expert e in each of rows_N])`` (None stays None). Off the CPU,
-    with one thread, or when the experts' matmuls are big enough for torch's own threads (``ffn``,
-    the expert width, sizes them), it is one call in this thread; otherwise one call per worker,
+    outside ``expert_threads(n > 1)`` it is one call in this thread; inside, one call per worker,
     each with its own zeroed copy of ``acc`` to accumulate into.
     """
     parts = [(None,) * len(counts) if r is None else r.split(counts) for r in rows_N]
     experts = [(e, *(p[e] for p in parts)) for e, n in enumerate(counts) if n]
     n_groups = 1
-    if rows_N[0].device.type == "cpu" and experts:
-        mean_rows = sum(counts) / len(experts)
-        threads = _threads_override or (torch.get_num_threads() if mean_rows * ffn < _BIG_EXPERT else 1)
-        n_groups = min(threads, len(experts))
+    if rows_N[0].device.type == "cpu" and experts and _threads_override:
+        n_groups = min(_threads_override, len(experts))
     if n_groups <= 1:
         run(experts, acc_TD)
         return acc_TD

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import ConfigError, ModelConfig
 from moekit.layers.attention import build_attention, rotary_for
 from moekit.layers.experts import Experts
 from moekit.layers.kv_cache import ModelCache, padded_causal_mask
+from moekit.layers.loss import next_token_loss
 from moekit.layers.mlp import FeedForward
 from moekit.layers.moe import MoE
 from moekit.layers.norm import build_norm
@@ -184,11 +184,7 @@ class MoETransformer(nn.Module):
             logits_BTV = logits_BTV / self.config.logits_divisor
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
+            loss = next_token_loss(logits_BTV, labels)
         return ModelOutput(logits=logits_BTV, loss=loss, routing=routings, moe_layer_ids=moe_ids)
 
     def num_parameters(self) -> int:

@@ -77,6 +77,7 @@ from moekit.training.data import Corpus, TrainBatches, load_corpus, val_batches
 from moekit.training.distributed import Distributed
 from moekit.training.guard import NonFiniteGuard, step_is_finite
 from moekit.training.metrics import METRICS_FILE, MetricsLog, read_metrics
+from moekit.training.optim import build_optimizer, keep_fused, lr_at
 from moekit.training.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, tokenize
 
 CONFIG_FILE = "config.json"
@@ -211,34 +212,6 @@ def read_tokenizer(run_dir: Path, run: RunConfig) -> Tokenizer:
     if not path.exists():
         raise RunDirError(f"{run_dir} has no {TOKENIZER_FILE}; is it a moekit run directory?")
     return BPETokenizer.from_str(path.read_text())
-
-
-# Optimisation -----------------------------------------------------------------------------------
-
-
-def lr_at(step: int, run: RunConfig) -> float:
-    """Learning rate of the update made at 0-based ``step`` of ``train.steps``."""
-    t = run.train
-    warmup = min(t.warmup_steps, t.steps // 10)
-    if step < warmup:
-        return t.lr * (step + 1) / warmup
-    if t.schedule == "step":  # DeepSeekMoE: x0.316 at 80% and again at 90% of training
-        return t.lr * 0.316 ** ((step >= 0.8 * t.steps) + (step >= 0.9 * t.steps))
-    progress = (step - warmup) / max(1, t.steps - warmup)
-    floor = t.lr * t.min_lr_ratio
-    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (ndim >= 2: embeddings, projections, stacked experts)
-    and none on vectors (norm weights, biases, attention sinks)."""
-    t = run.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
 def _autocast(device: torch.device):
@@ -446,6 +419,7 @@ def _train(
     opt = build_optimizer(model, run)
     if state is not None:
         par.load_optimizer_state(model, opt, state["optimizer"])
+        keep_fused(opt)  # a checkpoint's param groups carry their own 'fused' flag
         _set_rng_state(state["rng"])
         step, position, elapsed = state["step"], state["position"], state["elapsed_s"]
         guard.skipped = state.get("skipped_steps", 0)
