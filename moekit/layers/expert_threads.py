@@ -16,18 +16,24 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-# NOTE: history and why the pool is off by default. The loop once split the experts of small
-# matmuls into ``torch.get_num_threads()`` groups on single-threaded workers (each op forking and
-# joining the OpenMP team looked wasteful for tens of rows). Measured again on 2 idle cores (one MoE
-# layer, 1024 tokens, D 256, forward+backward, median of 20): Qwen3-MoE-like 16 x 128 top-4: 35 ms on
-# 2 workers, 23 ms in the calling thread with 2 intra-op threads, 38 ms on 1 thread;
-# DeepSeek-V3-like 64 x 64 top-8: 46, 35 and 46 ms. The workers ran no faster than one thread because
-# libgomp's default wait policy spins: after each parallel region of the calling thread its OpenMP
-# team keeps a core busy for milliseconds (GOMP_SPINCOUNT), which the workers then share. With
-# OMP_WAIT_POLICY=passive the workers ran 23 and 30 ms, but every other op of the step (one OpenMP
-# region each) then pays a futex wake: the same inline layer took 54 ms. So the default is the
-# calling thread with torch's own threads (which ``moekit.runtime`` sizes to the free cores); the
-# workers run only inside ``expert_threads(n)`` with n > 1.
+# NOTE: when the experts run on worker threads. The loop can split the experts into
+# ``torch.get_num_threads()`` contiguous groups of about equal rows, each run by a worker thread
+# whose torch ops are single-threaded (ops release the GIL; workers write disjoint weight-gradient
+# slices and each has its own ``[T, D]`` accumulator, summed once at the end), or run them all in
+# the calling thread, each matmul split by torch's intra-op threads. Which wins depends on the size
+# of the whole call, because libgomp's default wait policy spins: after each parallel region of the
+# calling thread its OpenMP team keeps a core busy for a few milliseconds (GOMP_SPINCOUNT), which
+# the workers then share. Measured on 2 idle cores, one MoE layer forward+backward, interleaved,
+# medians of 15 (workers / calling thread):
+#   1024 tokens, D 256, 16 experts x 128, top-4 (0.13 G rows x width x D):  38 / 24 ms
+#   1024 tokens, D 256, 64 experts x 64, top-8 (0.13 G):                    50 / 44 ms
+#   2048 tokens, D 512, 64 experts x 192, top-8 (1.6 G):                   240 / 272 ms
+# With OMP_WAIT_POLICY=passive the workers won at every size, but every other op of a training step
+# (one OpenMP region each) then pays a futex wake: the small layer inline took 54 ms instead of 23.
+# So workers only for calls of at least ``_WORKERS_FROM`` rows x width x D; on one thread (what a busy
+# machine gets, see ``moekit.runtime``) it is always the calling thread.
+_WORKERS_FROM = 2**29
+
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _threads_override: int | None = None
@@ -35,8 +41,9 @@ _threads_override: int | None = None
 
 @contextlib.contextmanager
 def expert_threads(n: int | None):
-    """Run the fused CPU loop on ``n`` worker threads inside the block (1 or None, the default: in
-    the calling thread with torch's own intra-op threads; see the NOTE above)."""
+    """Run the fused CPU loop on ``n`` worker threads inside the block (1: in the calling thread
+    with torch's own intra-op threads; None, the default: ``torch.get_num_threads()`` workers for
+    big calls, the calling thread for small ones, see the NOTE above)."""
     global _threads_override
     if n is not None and n < 1:
         raise ValueError(f"expert_threads needs n >= 1 or None, got {n}")
@@ -84,19 +91,22 @@ if hasattr(os, "register_at_fork"):
 
 
 def _map_experts(
-    run: Callable[[list, Tensor | None], None], counts: list[int], acc_TD: Tensor | None, *rows_N
+    run: Callable[[list, Tensor | None], None], counts: list[int], ffn: int, acc_TD: Tensor | None, *rows_N
 ) -> Tensor | None:
     """Call ``run(experts, acc)`` on groups of the non-empty experts and return ``acc`` summed.
 
     ``experts`` lists ``(e, *[rows of expert e in each of rows_N])`` (None stays None). Off the CPU,
-    outside ``expert_threads(n > 1)`` it is one call in this thread; inside, one call per worker,
-    each with its own zeroed copy of ``acc`` to accumulate into.
+    with one thread, or when the whole call is too small to gain from workers (rows x ``ffn``, the
+    expert width, x the width of ``acc``; no ``acc``: small), it is one call in this thread; otherwise
+    one call per worker, each with its own zeroed copy of ``acc`` to accumulate into.
     """
     parts = [(None,) * len(counts) if r is None else r.split(counts) for r in rows_N]
     experts = [(e, *(p[e] for p in parts)) for e, n in enumerate(counts) if n]
     n_groups = 1
-    if rows_N[0].device.type == "cpu" and experts and _threads_override:
-        n_groups = min(_threads_override, len(experts))
+    if rows_N[0].device.type == "cpu" and experts:
+        work = sum(counts) * ffn * (acc_TD.shape[-1] if acc_TD is not None else 0)
+        threads = _threads_override or (torch.get_num_threads() if work >= _WORKERS_FROM else 1)
+        n_groups = min(threads, len(experts))
     if n_groups <= 1:
         run(experts, acc_TD)
         return acc_TD

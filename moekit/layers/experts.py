@@ -309,76 +309,64 @@ def _decode_on_workers(ex: Experts, x_TD: Tensor, d: Dispatch, gate_N1: Tensor, 
                 y_nD = F.linear(F.silu(F.linear(x_nD, ex.w1[e], b1)) * F.linear(x_nD, ex.w3[e], b3), ex.w2[e], b2)
             acc_TD.index_add_(0, tok_n, y_nD * gate_n1)
 
-    return _map_experts(run, counts, torch.zeros_like(x_TD), d.token_N, gate_N1)
+    return _map_experts(run, counts, ex.ffn_dim, torch.zeros_like(x_TD), d.token_N, gate_N1)
 
 
 class _FusedExperts(torch.autograd.Function):
     """Gather -> SwiGLU -> gate-weighted scatter, one expert at a time, with a hand-written backward.
 
-    Gate and up projections run as ONE matmul per expert against ``w13_E2FD = cat([w1, w3], 1)``,
-    built once per call (a copy of the expert weights, ``E x 2F x D``: small next to the matmuls, which
-    read them once per expert anyway); the backward likewise computes ``d[h1|h3]`` side by side and
-    needs one matmul for ``dw13`` and one for ``dx`` per expert, then splits ``dw13`` back into the
-    layout's ``w1``/``w3`` gradients. Every temporary is one expert's size (``[n_e, D]`` or
-    ``[n_e, 2F]``); the only full-size buffers are the output ``[T, D]`` (one per worker thread,
-    summed at the end) and, when a backward will follow, the pre-activations ``h13`` ``[N, 2F]`` (a
-    dense FFN saves as much). The backward recomputes ``silu`` from them (elementwise, cheap) instead
-    of saving it, folds the gate weight into the ``[n_e, F]`` side of each product and writes weight
-    gradients straight into stacked ``[E, ...]`` buffers. Experts may be split among worker threads
-    (see ``_map_experts``).
-
-    NOTE (measured on 2 idle cores, 16 experts x 128, D 256, 1024 tokens x top-4, one layer, fwd+bwd):
-    two matmuls for gate and up and four in the backward (dw1, dw3, dx twice) took 30-38 ms; one
-    matmul each, 2F wide, ... (see the closing NOTE of ``_map_experts`` for threads).
+    Every temporary is one expert's size (``[n_e, D]`` or ``[n_e, F]``); the only full-size buffers
+    are the output ``[T, D]`` (one per worker thread, summed at the end) and, when a backward will
+    follow, the pre-activations ``h1``/``h3`` ``[N, F]`` (a dense FFN saves as much). The backward
+    recomputes ``silu`` from them (elementwise, cheap) instead of saving it, folds the gate weight
+    into the ``[n_e, F]`` side of each product and writes weight gradients straight into their
+    stacked ``[E, ...]`` buffers. Experts are split among worker threads (see ``_map_experts``).
     """
 
     @staticmethod
     def forward(ctx, token_N, counts, save, x_TD, gate_N, w1, w3, w2, b1, b3, b2):
-        f = w1.shape[1]
-        w13 = torch.cat([w1, w3], 1)  # [E, 2F, D]
-        b13 = None if b1 is None else torch.cat([b1, b3], 1)  # [E, 2F]
-        h13_N2F = x_TD.new_empty(token_N.shape[0], 2 * f) if save else None
+        h1_NF = x_TD.new_empty(token_N.shape[0], w1.shape[1]) if save else None
+        h3_NF = torch.empty_like(h1_NF) if save else None
 
         def run(experts, out_TD):
-            for e, tok, gate, h13_out in experts:
+            for e, tok, gate, h1_out, h3_out in experts:
                 x_e = x_TD.index_select(0, tok)
-                h13 = _linear(x_e, w13[e], None if b13 is None else b13[e], h13_out)
+                h1 = _linear(x_e, w1[e], None if b1 is None else b1[e], h1_out)
+                h3 = _linear(x_e, w3[e], None if b3 is None else b3[e], h3_out)
                 # NOTE: the gate weight scales the [n, F] activation, not the [n, D] output (F <= D
                 # for fine-grained experts); w2 is linear, so only b2 needs scaling separately.
-                a = F.silu(h13[:, :f]).mul_(h13[:, f:]).mul_(gate.unsqueeze(1))
-                y = torch.mm(a, w2[e].t())
+                y = torch.mm(F.silu(h1).mul_(h3).mul_(gate.unsqueeze(1)), w2[e].t())
                 if b2 is not None:
                     y.addr_(gate, b2[e])
                 out_TD.index_add_(0, tok, y)
 
-        out_TD = _map_experts(run, counts, torch.zeros_like(x_TD), token_N, gate_N, h13_N2F)
+        out_TD = _map_experts(run, counts, w1.shape[1], torch.zeros_like(x_TD), token_N, gate_N, h1_NF, h3_NF)
         if save:
-            ctx.save_for_backward(token_N, x_TD, gate_N, w13, w2, b2, h13_N2F)
+            ctx.save_for_backward(token_N, x_TD, gate_N, w1, w3, w2, b2, h1_NF, h3_NF)
             ctx.counts = counts
         return out_TD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_TD):
-        token_N, x_TD, gate_N, w13, w2, b2, h13_N2F = ctx.saved_tensors
+        token_N, x_TD, gate_N, w1, w3, w2, b2, h1_NF, h3_NF = ctx.saved_tensors
         need_x, need_gate, need_w1, need_w3, need_w2, need_b1, need_b3, need_b2 = ctx.needs_input_grad[3:]
-        need_b13 = need_b1 or need_b3
-        f = w2.shape[2]
         g_TD = g_TD.contiguous()
         dgate_N = torch.empty_like(gate_N) if need_gate else None
-        dw1, dw3 = (w13.new_empty(w2.shape[0], f, w13.shape[2]) if need else None for need in (need_w1, need_w3))
-        dw2 = torch.empty_like(w2) if need_w2 else None
-        db13 = w13.new_empty(w13.shape[:2]) if need_b13 else None
-        db2 = w2.new_empty(w2.shape[:2]) if need_b2 else None
-        empty_E = torch.tensor([e for e, n in enumerate(ctx.counts) if n == 0], dtype=torch.long, device=w13.device)
-        for grad in (dw1, dw3, dw2, db13, db2):  # an empty expert's weights get exactly zero gradient
+        dw1, dw3, dw2 = (
+            torch.empty_like(w) if need else None for w, need in ((w1, need_w1), (w3, need_w3), (w2, need_w2))
+        )
+        db1, db3, db2 = (
+            w.new_empty(w.shape[:2]) if need else None for w, need in ((w1, need_b1), (w3, need_b3), (w2, need_b2))
+        )
+        empty_E = torch.tensor([e for e, n in enumerate(ctx.counts) if n == 0], dtype=torch.long, device=w1.device)
+        for grad in (dw1, dw3, dw2, db1, db3, db2):  # an empty expert's weights get exactly zero gradient
             if grad is not None and empty_E.numel():
                 grad.index_fill_(0, empty_E, 0)
 
         def run(experts, dx_TD):
-            for e, tok, gate, h13, dgate in experts:
+            for e, tok, gate, h1, h3, dgate in experts:
                 g_e = g_TD.index_select(0, tok)
-                h1, h3 = h13[:, :f], h13[:, f:]
                 s = F.silu(h1)
                 a = s * h3  # the activation before gating
                 ga = torch.mm(g_e, w2[e])  # d loss / d (gate * a)
@@ -391,24 +379,23 @@ class _FusedExperts(torch.autograd.Function):
                 if need_b2:
                     torch.mv(g_e.t(), gate, out=db2[e])
                 da = ga.mul_(gate.unsqueeze(1))
-                dh13 = torch.empty_like(h13)
-                torch.mul(da, s, out=dh13[:, f:])
-                torch.ops.aten.silu_backward.grad_input(da.mul_(h3), h1, grad_input=dh13[:, :f])
-                if need_b13:
-                    torch.sum(dh13, 0, out=db13[e])
-                if need_w1 or need_w3:  # straight into the layout's w1/w3 gradients: no split copy after
+                dh3 = da * s
+                dh1 = torch.ops.aten.silu_backward(da.mul_(h3), h1)
+                if need_b1:
+                    torch.sum(dh1, 0, out=db1[e])
+                if need_b3:
+                    torch.sum(dh3, 0, out=db3[e])
+                if need_w1 or need_w3:
                     x_e = x_TD.index_select(0, tok)
                     if need_w1:
-                        torch.mm(dh13[:, :f].t(), x_e, out=dw1[e])
+                        torch.mm(dh1.t(), x_e, out=dw1[e])
                     if need_w3:
-                        torch.mm(dh13[:, f:].t(), x_e, out=dw3[e])
+                        torch.mm(dh3.t(), x_e, out=dw3[e])
                 if need_x:
-                    dx_TD.index_add_(0, tok, torch.mm(dh13, w13[e]))
+                    dx_TD.index_add_(0, tok, torch.mm(dh1, w1[e]).addmm_(dh3, w3[e]))
 
         dx_TD = torch.zeros_like(x_TD) if need_x else None
-        dx_TD = _map_experts(run, ctx.counts, dx_TD, token_N, gate_N, h13_N2F, dgate_N)
-        db1 = db13[:, :f].contiguous() if need_b1 else None
-        db3 = db13[:, f:].contiguous() if need_b3 else None
+        dx_TD = _map_experts(run, ctx.counts, w1.shape[1], dx_TD, token_N, gate_N, h1_NF, h3_NF, dgate_N)
         return None, None, None, dx_TD, dgate_N, dw1, dw3, dw2, db1, db3, db2
 
 
