@@ -9,8 +9,10 @@ NOTE (measured on 2 cores, 8 x 128 tokens x vocab 4096, fp32, one thread): the p
 ``log_softmax`` writes another ``[B, T, V]``, and its backward zero-fills two ``[B, T, V]`` gradients
 (one for nll_loss, one for the slice) before ``log_softmax_backward`` reads both. Here the forward
 takes ``log_softmax`` of the whole (contiguous) logits once and keeps it; the backward writes the
-gradient in place over one new buffer: ``exp(logp)`` (the softmax), minus one at each target, times
-``grad / n_valid`` per row (zero at ignored rows and at the last position, which has no next token).
+gradient in place over the saved ``logp`` (a buffer nobody else sees; a fresh one of this size is
+mmap'd by glibc and faults in page by page): ``exp(logp)`` (the softmax), minus one at each target,
+times ``grad / n_valid`` per row (zero at ignored rows and at the last position, which has no next
+token). Hence ``once_differentiable`` and no double backward.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ class _NextTokenLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
         logp_BTV, index_BT1, valid_BT, n_valid = ctx.saved_tensors
-        grad_BTV = torch.exp(logp_BTV)
+        if getattr(ctx, "spent", False):
+            raise RuntimeError("next_token_loss: backward through the same loss twice (retain_graph) is not supported")
+        ctx.spent = True
+        grad_BTV = (
+            logp_BTV.exp_()
+        )  # in place: the saved buffer is ours alone, and a fresh [B, T, V] faults its pages in
         grad_BTV.scatter_add_(-1, index_BT1, torch.full_like(index_BT1, -1, dtype=grad_BTV.dtype))
         grad_BTV.mul_((valid_BT * (g / n_valid)).unsqueeze(-1))
         return grad_BTV.to(ctx.logits_dtype), None, None

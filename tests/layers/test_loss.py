@@ -57,3 +57,11 @@ def test_all_ignored_is_nan_like_cross_entropy_and_bad_shape_is_refused():
     assert torch.isnan(next_token_loss(logits, labels)) and torch.isnan(reference(logits, labels))
     with pytest.raises(ValueError, match="labels must be"):
         next_token_loss(logits, torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_second_backward_through_a_retained_graph_is_refused_not_wrong():
+    logits = torch.randn(1, 4, 5, requires_grad=True)
+    loss = next_token_loss(logits, torch.randint(0, 5, (1, 4)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
