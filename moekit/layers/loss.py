@@ -12,7 +12,8 @@ takes ``log_softmax`` of the whole (contiguous) logits once and keeps it; the ba
 gradient in place over the saved ``logp`` (a buffer nobody else sees; a fresh one of this size is
 mmap'd by glibc and faults in page by page): ``exp(logp)`` (the softmax), minus one at each target,
 times ``grad / n_valid`` per row (zero at ignored rows and at the last position, which has no next
-token). Hence ``once_differentiable`` and no double backward.
+token). A second backward through a retained graph is therefore refused (autograd sees the saved
+buffer's version change).
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ class _NextTokenLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
         logp_BTV, index_BT1, valid_BT, n_valid = ctx.saved_tensors
-        if getattr(ctx, "spent", False):
-            raise RuntimeError("next_token_loss: backward through the same loss twice (retain_graph) is not supported")
-        ctx.spent = True
         grad_BTV = (
             logp_BTV.exp_()
         )  # in place: the saved buffer is ours alone, and a fresh [B, T, V] faults its pages in
