@@ -4,7 +4,8 @@ On a terminal, a rich progress bar. Anywhere else (nohup, a batch scheduler's lo
 would print nothing until the end, so ``RichProgress`` writes a plain line instead: at the start,
 then at most every ``LINE_EVERY_S`` seconds, and at the last step. Given ``log``, the same lines
 are also appended to that file (``moekit train`` keeps ``train.log`` in the run directory), with
-the bar on a terminal or without any display (``show=False``).
+the bar on a terminal or without any display (``show=False``). ``notes`` (e.g. the threads the
+run chose and why) are said once at the start, on the console and in the log.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ class RichProgress(TrainCallback):
     """One bar (or line stream) per run; loss and tokens/s are those of the latest logged step."""
 
     def __init__(
-        self, description: str = "train", console: Console | None = None, log: Path | None = None, show: bool = True
+        self,
+        description: str = "train",
+        console: Console | None = None,
+        log: Path | None = None,
+        show: bool = True,
+        notes: list[str] | None = None,
     ):
         self.description = description
+        self.notes = list(notes or [])  # said once at the start, e.g. the threads chosen and why
         self.console = console or Console(stderr=True)
         self.log, self.show = log, show
         self._progress: Progress | None = None
@@ -47,6 +54,10 @@ class RichProgress(TrainCallback):
         self._total, self._first, self._loss, self._tps = total, step, "-", "-"
         self._t0 = self._last = self.clock()
         self._print(f"{self.description}: starting at step {step} of {total}")
+        for note in self.notes:
+            if self.show and not self._lines:  # a bar follows on the terminal: the note goes above it
+                self.console.print(note, highlight=False, markup=False, soft_wrap=True)
+            self._print(note)
         if not self.show or self._lines:
             return
         self._progress = Progress(

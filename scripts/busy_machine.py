@@ -1,0 +1,177 @@
+"""Does a busy machine cost moekit more than the cores it takes? 20 training steps of the tiny preset,
+timed in four cases, interleaved round by round:
+
+  idle-1     idle machine, --threads 1
+  idle-auto  idle machine, moekit's own choice (moekit.runtime)
+  busy-auto  one core kept busy by a spinning Python process, moekit's own choice
+  busy-2     the same busy core, --threads 2 forced (the old default on a 2-core machine)
+
+Each case is a fresh ``moekit train --preset tiny --steps N --quiet`` into a temporary folder; its
+time is the run's own step time (summary.json ``train_time_s``: steps only, no start-up, tokenizer,
+evaluation or checkpoint writes), so a first untimed run that trains and caches the BPE tokenizer
+does not count. The target: busy-auto <= 1.1 x idle-1.
+
+    python scripts/busy_machine.py [--steps 20] [--rounds 1] [--json] [--pin]
+
+"Idle" is only as idle as the machine is: the table says how busy the cores were (other
+processes, moekit.runtime.busy_cores) before each run, and the 1-minute load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moekit.runtime import affinity_cores, busy_cores  # noqa: E402
+
+CASES = {  # name: (busy core?, --threads or None for moekit's choice)
+    "idle-1": (False, 1),
+    "idle-auto": (False, None),
+    "busy-auto": (True, None),
+    "busy-2": (True, 2),
+}
+TARGET = 1.1
+SPIN = "while True:\n    pass\n"
+
+
+def train_env(wait_policy: str | None) -> dict[str, str]:
+    """The environment of a timed run: this repository importable, no thread settings inherited."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MOEKIT_THREADS", "OMP_WAIT_POLICY")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    return env
+
+
+def train_command(out: Path, steps: int, threads: int | None, sets: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "moekit", "train", "--preset", "tiny", "--steps", str(steps), "--out", str(out)]
+    cmd += ["--quiet", "--set", "train.eval_batches=1"]
+    for kv in sets:
+        cmd += ["--set", kv]
+    return cmd + (["--threads", str(threads)] if threads else [])
+
+
+@contextlib.contextmanager
+def busy_core(on: bool, pin: bool):
+    """A Python process spinning on one core (pinned to the last usable core with ``pin``)."""
+    if not on:
+        yield
+        return
+    cores = sorted(affinity_cores())
+    pre = (lambda: os.sched_setaffinity(0, {cores[-1]})) if pin else None
+    spinner = subprocess.Popen([sys.executable, "-c", SPIN], preexec_fn=pre)
+    try:
+        time.sleep(0.5)  # running before the timed run reads the machine
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def run_case(name: str, folder: Path, steps: int, sets: list[str], pin: bool, wait_policy: str | None) -> dict:
+    busy, threads = CASES[name]
+    out = folder / name
+    with busy_core(busy, pin):
+        others = busy_cores(affinity_cores())  # other processes (the spinner included) before the run
+        done = subprocess.run(
+            train_command(out, steps, threads, sets + ["train.ckpt_every=100000"]) + ["--force"],
+            env=train_env(wait_policy),
+            capture_output=True,
+            text=True,
+        )
+    if done.returncode != 0:
+        raise SystemExit(f"busy_machine: case {name} failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    log = (out / "train.log").read_text()
+    line = next((ln.split(" ", 2)[2] for ln in log.splitlines() if " threads: " in ln), "")
+    return {"case": name, "seconds": summary["train_time_s"], "threads_line": line, "busy_before": others}
+
+
+def summarise(runs: list[dict], steps: int) -> dict:
+    """Median seconds per case over the rounds, each case's ratio to idle-1, and the verdict."""
+    cases = {}
+    for name in CASES:
+        mine = [r for r in runs if r["case"] == name]
+        if mine:
+            cases[name] = {
+                "seconds": statistics.median(r["seconds"] for r in mine),
+                "all_seconds": [round(r["seconds"], 2) for r in mine],
+                "threads": mine[-1]["threads_line"],
+                "busy_before": [None if r["busy_before"] is None else round(r["busy_before"], 2) for r in mine],
+            }
+    base = cases.get("idle-1", {}).get("seconds")
+    for c in cases.values():
+        c["vs_idle_1"] = c["seconds"] / base if base else None
+    ratio = cases["busy-auto"]["vs_idle_1"] if "busy-auto" in cases and base else None
+    return {
+        "steps": steps,
+        "cases": cases,
+        "busy_auto_vs_idle_1": ratio,
+        "target": TARGET,
+        "meets_target": None if ratio is None else ratio <= TARGET,
+    }
+
+
+def table(result: dict) -> str:
+    lines = [f"{'case':<10} {'seconds':>8} {'x idle-1':>8}  {'busy before':<14} threads (from the run's log)"]
+    for name, c in result["cases"].items():
+        ratio = "-" if c["vs_idle_1"] is None else f"{c['vs_idle_1']:.2f}"
+        busy = ",".join("?" if b is None else f"{b:.1f}" for b in c["busy_before"])
+        lines.append(f"{name:<10} {c['seconds']:8.1f} {ratio:>8}  {busy:<14} {c['threads']}")
+    if result["busy_auto_vs_idle_1"] is not None:
+        verdict = "meets" if result["meets_target"] else "misses"
+        lines.append(
+            f"busy-auto / idle-1 = {result['busy_auto_vs_idle_1']:.2f} ({verdict} the target <= {result['target']})"
+        )
+    lines.append(f"load average {result['loadavg']} at the start, {result['loadavg_end']} at the end")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="training steps per case (default 20)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the cases, interleaved; medians shown")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--pin", action="store_true", help="pin the spinning process to the last usable core")
+    p.add_argument("--wait-policy", choices=["active", "passive"], help="OMP_WAIT_POLICY for the timed runs")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="passed to moekit train (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if unknown := [c for c in names if c not in CASES]:
+        p.error(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    loadavg = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="moekit-busy-") as tmp:
+        folder = Path(tmp)
+        # Untimed: trains and caches the tiny preset's BPE tokenizer on first use, warms the file cache.
+        warm = subprocess.run(
+            train_command(folder / "warm", 1, 1, args.sets), env=train_env(None), capture_output=True, text=True
+        )
+        if warm.returncode != 0:
+            raise SystemExit(f"busy_machine: the warm-up run failed: {warm.stderr.strip()[-400:]}")
+        runs = []
+        for r in range(args.rounds):
+            for name in names:
+                runs.append(run_case(name, folder, args.steps, args.sets, args.pin, args.wait_policy))
+                if not args.json:
+                    print(f"round {r + 1}: {name} {runs[-1]['seconds']:.1f} s", file=sys.stderr)
+    result = summarise(runs, args.steps)
+    result.update(loadavg=round(loadavg, 2), loadavg_end=round(os.getloadavg()[0], 2), cores=len(affinity_cores()))
+    result.update(pin=args.pin, wait_policy=args.wait_policy or "default", rounds=args.rounds)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
