@@ -28,7 +28,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -244,6 +244,7 @@ def local_world_size(env: Mapping[str, str] | None = None) -> int:
 
 _machine: Machine | None = None
 _applied: ThreadChoice | None = None
+_applied_machine: Machine | None = None
 
 
 def read_machine(sample_s: float = SAMPLE_S) -> Machine:
@@ -265,30 +266,96 @@ def set_threads(requested: int | None = None, machine: Machine | None = None) ->
     (``moekit.layers.expert_threads``) follows ``torch.get_num_threads()``: 1 thread, no pool."""
     import torch
 
+    global _applied, _applied_machine
     env = os.environ
-    needs_machine = requested is None and "MOEKIT_THREADS" not in env
-    if machine is None:
-        machine = read_machine() if needs_machine else Machine(len(affinity_cores()), local_world=local_world_size())
-    global _applied
+    if machine is None:  # sampling the load takes SAMPLE_S: only when the user's settings leave it to us
+        machine = Machine(len(affinity_cores()), local_world=local_world_size())
+        if choose_threads(machine, requested, env).source == "auto":
+            machine = read_machine()
     choice = choose_threads(machine, requested, env)
     torch.set_num_threads(choice.threads)
-    _applied = choice
+    _applied, _applied_machine = choice, machine
     return choice
 
 
 @contextlib.contextmanager
-def run_threads(requested: int | None = None) -> Iterator[ThreadChoice]:
+def run_threads(requested: int | None = None, machine: Machine | None = None) -> Iterator[ThreadChoice]:
     """``set_threads`` for the block; torch's previous thread count comes back after it (the CLI's
     ``main`` may run inside a longer-lived process: tests, notebooks)."""
-    global _applied
+    global _applied, _applied_machine
     import torch
 
-    previous, previous_choice = torch.get_num_threads(), _applied
+    previous, previous_choice = torch.get_num_threads(), (_applied, _applied_machine)
     try:
-        yield set_threads(requested)
+        yield set_threads(requested, machine)
     finally:
         torch.set_num_threads(previous)
-        _applied = previous_choice
+        _applied, _applied_machine = previous_choice
+
+
+class LoadWatch:
+    """Follows the machine's load during a run: ``check()``, called between training steps from the
+    thread that runs them, re-reads the cores' busy-ness over the time since the last reading (no
+    sleeping: two readings ``every_s`` apart) and, when the automatic choice changes, gives torch
+    the new thread count and returns a line saying so. A choice the user made is never changed.
+
+    NOTE: ``torch.set_num_threads`` sets the OpenMP team of the calling thread only, so it must be
+    the training thread that calls ``check``, not a monitor thread.
+    """
+
+    def __init__(
+        self,
+        choice: ThreadChoice,
+        machine: Machine,
+        every_s: float = 10.0,
+        read: Callable[[], tuple[float, float, float]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.choice, self.machine, self.every_s, self.clock = choice, machine, every_s, clock
+        self.read = read or self._read_proc  # -> (busy jiffies, all jiffies, this process's CPU seconds)
+        self.active = choice.source == "auto" and (read is not None or PROC_STAT.exists())
+        self._cpus = affinity_cores()
+        self._last = self._reading() if self.active else None
+
+    def _read_proc(self) -> tuple[float, float, float]:
+        return (*_cpu_times(self._cpus), time.process_time())
+
+    def _reading(self) -> tuple[float, float, float, float] | None:
+        try:
+            return (*self.read(), self.clock())
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def check(self) -> str | None:
+        """The new choice's log line when the threads changed, else None."""
+        if not self.active or self._last is None or self.clock() - self._last[3] < self.every_s:
+            return None
+        now = self._reading()
+        if now is None:
+            return None
+        before, self._last = self._last, now
+        if now[1] <= before[1] or now[3] <= before[3]:
+            return None
+        busy = (now[0] - before[0]) / (now[1] - before[1]) * self.machine.cores
+        others = max(0.0, busy - (now[2] - before[2]) / (now[3] - before[3]))
+        m = self.machine
+        choice = choose_threads(Machine(m.cores, m.quota, others, m.local_world), env={})
+        if choice.threads == self.choice.threads:
+            return None
+        import torch
+
+        torch.set_num_threads(choice.threads)
+        old, self.choice = self.choice.threads, choice
+        line = choice.line.replace("threads: ", f"threads: {old} -> ", 1)
+        return line.replace("; set --threads", "; the load changed; set --threads")
+
+
+def follow_load(every_s: float = 10.0) -> Callable[[], str | None] | None:
+    """``LoadWatch.check`` for the choice ``set_threads`` applied, when moekit made it in one
+    process (None otherwise: under torchrun the ranks keep their first choice, so they stay alike)."""
+    if _applied is None or _applied.source != "auto" or local_world_size() > 1:
+        return None
+    return LoadWatch(_applied, _applied_machine or read_machine(), every_s).check
 
 
 def applied() -> ThreadChoice | None:
@@ -298,12 +365,14 @@ def applied() -> ThreadChoice | None:
 
 __all__ = [
     "Machine",
+    "LoadWatch",
     "ThreadChoice",
     "affinity_cores",
     "applied",
     "busy_cores",
     "cgroup_quota",
     "choose_threads",
+    "follow_load",
     "local_world_size",
     "parse_cpu_max",
     "read_machine",

@@ -188,3 +188,56 @@ def test_train_threads_reach_torch_and_the_log(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "run3"), "--threads", "0"]) == 2
     assert "--threads: expected a positive integer" in capsys.readouterr().err
+
+
+class FakeProc:
+    """Readings for ``LoadWatch``: (busy jiffies, all jiffies, own CPU s) and a clock, stepped by hand."""
+
+    def __init__(self):
+        self.busy = self.total = self.own = self.now = 0.0
+
+    def advance(self, seconds: float, cores_busy: float, own_cores: float, cores: int = 2, hz: float = 100.0):
+        self.now += seconds
+        self.total += seconds * hz * cores
+        self.busy += seconds * hz * cores_busy
+        self.own += seconds * own_cores
+
+    def read(self):
+        return self.busy, self.total, self.own
+
+
+def test_load_watch_follows_other_processes():
+    fake = FakeProc()
+    machine = Machine(2, busy=0.0)
+    with runtime.run_threads(2):
+        start = choose_threads(machine, env=NO_ENV)  # auto: 2 threads on the idle machine
+        watch = runtime.LoadWatch(start, machine, every_s=10.0, read=fake.read, clock=lambda: fake.now)
+        fake.advance(5, cores_busy=2.0, own_cores=1.0)
+        assert watch.check() is None  # not yet 10 s since the last reading
+        fake.advance(5, cores_busy=2.0, own_cores=1.0)  # another process took a core
+        line = watch.check()
+        assert torch.get_num_threads() == 1
+        assert line == (
+            "threads: 2 -> 1 (2 cores usable, 1.0 busy with other processes; the load changed; "
+            "set --threads to override)"
+        )
+        fake.advance(10, cores_busy=2.0, own_cores=1.0)  # still busy: no change, no line
+        assert watch.check() is None and torch.get_num_threads() == 1
+        fake.advance(10, cores_busy=1.0, own_cores=1.0)  # it left: only our own thread runs
+        assert watch.check().startswith("threads: 1 -> 2 (2 cores usable, 0.0 busy")
+        assert torch.get_num_threads() == 2
+
+
+def test_load_watch_leaves_the_users_choice_alone(monkeypatch):
+    fake = FakeProc()
+    user = choose_threads(Machine(2), 2, NO_ENV)
+    watch = runtime.LoadWatch(user, Machine(2), every_s=0.0, read=fake.read, clock=lambda: fake.now)
+    fake.advance(10, cores_busy=2.0, own_cores=0.0)
+    assert watch.check() is None
+    monkeypatch.setenv("MOEKIT_THREADS", "2")
+    with runtime.run_threads():
+        assert runtime.follow_load() is None  # moekit did not choose: nothing to follow
+    monkeypatch.delenv("MOEKIT_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with runtime.run_threads(machine=Machine(4, busy=0.0, local_world=2)):
+        assert runtime.follow_load() is None  # torchrun's ranks keep their first choice

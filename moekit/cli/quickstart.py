@@ -12,7 +12,7 @@ import torch
 from moekit.accounting import account
 from moekit.cli.args import add_threads_option, positive_int, with_threads
 from moekit.presets import get_preset
-from moekit.runtime import applied
+from moekit.runtime import applied, follow_load
 from moekit.training.config import RunConfig, TrainConfig
 from moekit.training.data import stdlib_source
 from moekit.training.loop import load_run, train
@@ -116,9 +116,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if (threads := applied()) is not None:
         print(f"  {threads.line}")
-    result = train(
-        cfg, args.out, resume=not args.force, force=args.force, device=args.device, callback=RichProgress("quickstart")
-    )
+    progress = RichProgress("quickstart", watch=follow_load())  # says when the load changes the threads
+    result = train(cfg, args.out, resume=not args.force, force=args.force, device=args.device, callback=progress)
     if result.interrupted:
         print(f"interrupted at step {result.step}; run `moekit quickstart --out {args.out}` again to continue")
         return 130

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moekit.cli.args import add_threads_option, with_threads
 from moekit.config import ConfigError
-from moekit.runtime import applied
+from moekit.runtime import applied, follow_load
 from moekit.training.config import make_run_config, parse_assignments
 from moekit.training.distributed import Distributed
 from moekit.training.loop import TRAIN_LOG, train
@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Rank 0: progress on stderr (unless --quiet) and always in the run's train.log; the others: none.
         progress = (
-            RichProgress("train", log=Path(args.out) / TRAIN_LOG, show=not args.quiet, notes=_thread_notes())
+            RichProgress(
+                "train", log=Path(args.out) / TRAIN_LOG, show=not args.quiet, notes=_thread_notes(), watch=follow_load()
+            )
             if parallel.is_main
             else None
         )
