@@ -15,7 +15,10 @@ start-up:
 ``choose_threads`` is a pure function of those ``Machine`` readings and the user's settings; the
 user decides first: ``--threads N``, then ``MOEKIT_THREADS``, then ``OMP_NUM_THREADS`` (except
 the ``1`` torchrun puts there itself when it starts several processes and the user set nothing).
-``ThreadChoice.line`` says what was chosen and why, for the run's log.
+``ThreadChoice.line`` says what was chosen and why, for the run's log. During a run,
+``LoadWatch`` re-reads the load every few seconds and changes the threads when the choice changes.
+On a busy machine the CLI also sets OpenMP's wait policy to passive before torch loads
+(``prepare_openmp``), unless the user set one.
 
 Layering: imported by training, cli and parallel; imports nothing of moekit above ``config``, and
 torch only inside the functions that apply a choice, so the CLI can set ``OMP_WAIT_POLICY``
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -242,19 +246,43 @@ def local_world_size(env: Mapping[str, str] | None = None) -> int:
     return value or 1
 
 
-_machine: Machine | None = None
+_machine: tuple[float, Machine] | None = None  # (when read, what was read)
+_wait_policy_set: str | None = None  # what prepare_openmp set
+TRAINING_COMMANDS = ("train", "quickstart")
 _applied: ThreadChoice | None = None
-_applied_machine: Machine | None = None
+_applied_machine: tuple[float, Machine] | None = None  # (when read, what was read)
+_wait_policy_set: str | None = None  # what prepare_openmp set
+TRAINING_COMMANDS = ("train", "quickstart")
 
 
-def read_machine(sample_s: float = SAMPLE_S) -> Machine:
-    """The machine as this process sees it (sampled once per process, then remembered)."""
+def read_machine(sample_s: float = SAMPLE_S, fresh_s: float = 10.0) -> Machine:
+    """The machine as this process sees it (a reading younger than ``fresh_s`` is reused: the CLI
+    reads it before torch loads, for ``prepare_openmp``, and again to choose the threads)."""
     global _machine
-    if _machine is None:
+    if _machine is None or time.monotonic() - _machine[0] > fresh_s:
         cpus, local_world = affinity_cores(), local_world_size()
         busy = busy_cores(cpus, sample_s, siblings=local_world > 1)
-        _machine = Machine(len(cpus), cgroup_quota(), busy, local_world)
-    return _machine
+        _machine = (time.monotonic(), Machine(len(cpus), cgroup_quota(), busy, local_world))
+    return _machine[1]
+
+
+def prepare_openmp(argv: list[str], machine: Machine | None = None) -> str | None:
+    """Before anything loads libgomp (it reads OMP_WAIT_POLICY once, when torch is imported): for
+    a training command (``argv[0]``: train, quickstart) on a busy machine, and unless the user set
+    a policy, set ``OMP_WAIT_POLICY=passive``. Returns the policy set, or None.
+
+    NOTE: by default an OpenMP worker spins for a while after each parallel region, waiting for
+    the next; on a machine whose cores other processes want, the spinning steals their time and a
+    descheduled worker stalls every join. Measured BUSY_NOTE_FIGURES
+    """
+    global _wait_policy_set
+    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules or not argv or argv[0] not in TRAINING_COMMANDS:
+        return None
+    machine = machine or read_machine()
+    if machine.busy is None or machine.busy <= TOLERATED_BUSY:
+        return None
+    os.environ["OMP_WAIT_POLICY"] = _wait_policy_set = "passive"
+    return _wait_policy_set
 
 
 # Applying it ------------------------------------------------------------------------------------
@@ -273,6 +301,9 @@ def set_threads(requested: int | None = None, machine: Machine | None = None) ->
         if choose_threads(machine, requested, env).source == "auto":
             machine = read_machine()
     choice = choose_threads(machine, requested, env)
+    if _wait_policy_set is not None and env.get("OMP_WAIT_POLICY") == _wait_policy_set:
+        line = f"{choice.line}; OpenMP waits {_wait_policy_set} (busy machine)"
+        choice = ThreadChoice(choice.threads, choice.source, line)
     torch.set_num_threads(choice.threads)
     _applied, _applied_machine = choice, machine
     return choice
@@ -375,6 +406,7 @@ __all__ = [
     "follow_load",
     "local_world_size",
     "parse_cpu_max",
+    "prepare_openmp",
     "read_machine",
     "run_threads",
     "set_threads",

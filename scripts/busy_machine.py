@@ -52,7 +52,7 @@ def train_env(wait_policy: str | None) -> dict[str, str]:
     """The environment of a timed run: this repository importable, no thread settings inherited."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MOEKIT_THREADS", "OMP_WAIT_POLICY")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    if wait_policy:
+    if wait_policy and wait_policy != "default":
         env["OMP_WAIT_POLICY"] = wait_policy
     return env
 
@@ -108,8 +108,8 @@ def run_case(
     name: str, folder: Path, steps: int, sets: list[str], pin: bool, wait_policy: str | None, attempts: int = 3
 ) -> dict:
     """One timed run of case ``name``; run again (up to ``attempts``) while something paused it."""
-    busy, threads = CASES[name]
-    out = folder / name
+    busy, threads = CASES[name.split("/")[0]]
+    out = folder / name.replace("/", "-")
     for attempt in range(1, attempts + 1):
         with busy_core(busy, pin):
             others = busy_cores(affinity_cores())  # other processes (the spinner included) before the run
@@ -141,7 +141,7 @@ def run_case(
 def summarise(runs: list[dict], steps: int) -> dict:
     """Median seconds per case over the rounds, each case's ratio to idle-1, and the verdict."""
     cases = {}
-    for name in CASES:
+    for name in dict.fromkeys(r["case"] for r in runs):
         mine = [r for r in runs if r["case"] == name]
         if mine:
             cases[name] = {
@@ -151,10 +151,15 @@ def summarise(runs: list[dict], steps: int) -> dict:
                 "busy_before": [None if r["busy_before"] is None else round(r["busy_before"], 2) for r in mine],
                 "paused_s": [r["paused_s"] for r in mine],  # > 0: another process stopped the run (all attempts)
             }
-    base = cases.get("idle-1", {}).get("seconds")
+
+    def find(name: str) -> dict | None:  # "idle-1", else its run with the default wait policy, else any
+        keys = [name, f"{name}/default", *(k for k in cases if k.startswith(f"{name}/"))]
+        return next((cases[k] for k in keys if k in cases), None)
+
+    base = (find("idle-1") or {}).get("seconds")
     for c in cases.values():
         c["vs_idle_1"] = c["seconds"] / base if base else None
-    ratio = cases["busy-auto"]["vs_idle_1"] if "busy-auto" in cases and base else None
+    ratio = find("busy-auto")["vs_idle_1"] if find("busy-auto") and base else None
     return {
         "steps": steps,
         "cases": cases,
@@ -165,12 +170,12 @@ def summarise(runs: list[dict], steps: int) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'case':<10} {'seconds':>8} {'x idle-1':>8}  {'busy before':<12} {'paused':<8} threads (run's log)"]
+    lines = [f"{'case':<17} {'seconds':>8} {'x idle-1':>8}  {'busy before':<12} {'paused':<8} threads (run's log)"]
     for name, c in result["cases"].items():
         ratio = "-" if c["vs_idle_1"] is None else f"{c['vs_idle_1']:.2f}"
         busy = ",".join("?" if b is None else f"{b:.1f}" for b in c["busy_before"])
         paused = ",".join(f"{p:.0f}" for p in c["paused_s"])
-        lines.append(f"{name:<10} {c['seconds']:8.1f} {ratio:>8}  {busy:<12} {paused:<8} {c['threads']}")
+        lines.append(f"{name:<17} {c['seconds']:8.1f} {ratio:>8}  {busy:<12} {paused:<8} {c['threads']}")
     if result["busy_auto_vs_idle_1"] is not None:
         verdict = "meets" if result["meets_target"] else "misses"
         lines.append(
@@ -186,13 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="rounds of the cases, interleaved; medians shown")
     p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--pin", action="store_true", help="pin the spinning process to the last usable core")
-    p.add_argument("--wait-policy", choices=["active", "passive"], help="OMP_WAIT_POLICY for the timed runs")
+    p.add_argument(
+        "--wait-policy",
+        default="default",
+        help="OMP_WAIT_POLICY of the timed runs: default (unset), active, passive, or a comma list to compare",
+    )
     p.add_argument("--set", dest="sets", action="append", default=[], help="passed to moekit train (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     if unknown := [c for c in names if c not in CASES]:
         p.error(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    policies = [w.strip() for w in args.wait_policy.split(",") if w.strip()]
+    if bad := [w for w in policies if w not in ("default", "active", "passive")]:
+        p.error(f"unknown --wait-policy {bad[0]!r}; choose from default, active, passive")
     loadavg = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="moekit-busy-") as tmp:
         folder = Path(tmp)
@@ -205,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for r in range(args.rounds):
             for name in names:
-                runs.append(run_case(name, folder, args.steps, args.sets, args.pin, args.wait_policy))
-                if not args.json:
-                    print(f"round {r + 1}: {name} {runs[-1]['seconds']:.1f} s", file=sys.stderr)
+                for policy in policies:
+                    label = f"{name}/{policy}" if len(policies) > 1 else name
+                    runs.append(run_case(label, folder, args.steps, args.sets, args.pin, policy))
+                    print(f"round {r + 1}: {label} {runs[-1]['seconds']:.1f} s", file=sys.stderr)
     result = summarise(runs, args.steps)
     result.update(loadavg=round(loadavg, 2), loadavg_end=round(os.getloadavg()[0], 2), cores=len(affinity_cores()))
-    result.update(pin=args.pin, wait_policy=args.wait_policy or "default", rounds=args.rounds)
+    result.update(pin=args.pin, wait_policy=",".join(policies), rounds=args.rounds)
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 

@@ -4,7 +4,11 @@ torch and the run's log through ``moekit train --threads``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +245,33 @@ def test_load_watch_leaves_the_users_choice_alone(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with runtime.run_threads(machine=Machine(4, busy=0.0, local_world=2)):
         assert runtime.follow_load() is None  # torchrun's ranks keep their first choice
+
+
+PROBE = """
+import sys
+from moekit import runtime
+print(runtime.prepare_openmp(sys.argv[1:], runtime.Machine(2, busy=float(sys.argv[-1]))))
+import torch
+torch.ones(1)
+"""
+
+
+# libgomp's spin count before a waiting thread sleeps: 0 passive, 300000 by default, 3e10 active.
+@pytest.mark.parametrize(
+    "argv, env, printed, spins",
+    [
+        (["train", "1.0"], {}, "passive", "0"),  # busy machine: passive before libgomp loads
+        (["train", "0.1"], {}, "None", "300000"),  # idle: OpenMP's own default (spin a while, then sleep)
+        (["params", "1.0"], {}, "None", "300000"),  # not a training command
+        (["train", "1.0"], {"OMP_WAIT_POLICY": "active"}, "None", "30000000000"),  # the user's setting stays
+    ],
+)
+def test_wait_policy_reaches_openmp(argv, env, printed, spins):
+    """libgomp's own report of its settings (OMP_DISPLAY_ENV) after ``prepare_openmp`` and ``import torch``."""
+    root = Path(__file__).resolve().parents[1]
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run_env = {**base, **env, "OMP_DISPLAY_ENV": "verbose", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], env=run_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [printed]
+    assert f"GOMP_SPINCOUNT = '{spins}'" in done.stderr
