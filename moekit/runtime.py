@@ -246,13 +246,11 @@ def local_world_size(env: Mapping[str, str] | None = None) -> int:
     return value or 1
 
 
+TRAINING_COMMANDS = ("train", "quickstart")  # the commands prepare_openmp acts for
 _machine: tuple[float, Machine] | None = None  # (when read, what was read)
 _wait_policy_set: str | None = None  # what prepare_openmp set
-TRAINING_COMMANDS = ("train", "quickstart")
-_applied: ThreadChoice | None = None
-_applied_machine: tuple[float, Machine] | None = None  # (when read, what was read)
-_wait_policy_set: str | None = None  # what prepare_openmp set
-TRAINING_COMMANDS = ("train", "quickstart")
+_applied: ThreadChoice | None = None  # what set_threads applied, and from which reading
+_applied_machine: Machine | None = None
 
 
 def read_machine(sample_s: float = SAMPLE_S, fresh_s: float = 10.0) -> Machine:

@@ -275,3 +275,14 @@ def test_wait_policy_reaches_openmp(argv, env, printed, spins):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [printed]
     assert f"GOMP_SPINCOUNT = '{spins}'" in done.stderr
+
+
+def test_the_log_line_says_when_moekit_set_the_wait_policy(monkeypatch):
+    monkeypatch.setattr(runtime, "_wait_policy_set", "passive")  # as prepare_openmp left it on a busy machine
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    monkeypatch.delenv("MOEKIT_THREADS")
+    with runtime.run_threads(machine=Machine(2, busy=1.0)) as choice:
+        assert choice.line == (
+            "threads: 1 (2 cores usable, 1.0 busy with other processes; set --threads to override); "
+            "OpenMP waits passive (busy machine)"
+        )
