@@ -20,6 +20,7 @@ import importlib
 import os
 import sys
 
+from moekit import runtime
 from moekit.errors import MoekitError
 
 # Subcommand modules, in the order --help lists them.
@@ -73,6 +74,8 @@ def _fail(command: str, message: str, code: int, quiet: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the subcommands import torch: OpenMP reads its wait policy once, when it loads.
+    runtime.prepare_openmp(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -10,8 +10,9 @@ import math
 import torch
 
 from moekit.accounting import account
-from moekit.cli.args import positive_int
+from moekit.cli.args import add_threads_option, positive_int, with_threads
 from moekit.presets import get_preset
+from moekit.runtime import applied, follow_load
 from moekit.training.config import RunConfig, TrainConfig
 from moekit.training.data import stdlib_source
 from moekit.training.loop import load_run, train
@@ -24,7 +25,7 @@ SHOWCASE = ["mixtral-8x7b", "deepseek-moe-16b", "qwen1.5-moe-a2.7b", "deepseek-v
 PROMPT = "import os\n\n\ndef "
 # ~2 minutes on a 2-core CPU: measured 0.3-0.5 s per step of 8 x 128 tokens (plus ~20 s to train
 # the BPE tokenizer on first use). NOTE: on a busy machine two OpenMP threads can be ~40x slower
-# than one for minutes at a time; OMP_NUM_THREADS=1 avoids that.
+# than one for minutes at a time, so the threads follow the free cores (moekit.runtime).
 DEFAULT_STEPS = 250
 
 
@@ -61,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     p.add_argument("--force", action="store_true", help="start over instead of continuing a previous quickstart")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.set_defaults(func=run)
+    add_threads_option(p)
+    p.set_defaults(func=with_threads(run))
 
 
 def print_showcase() -> None:
@@ -112,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
         f"  parameters: {p.total:,} total, {p.active:,} active per token ({p.active / p.total:.0%}); "
         f"FLOPs/token: {f.forward_per_token:,} forward, {f.train_per_token:,} training (seq {f.seq_len})"
     )
-    result = train(
-        cfg, args.out, resume=not args.force, force=args.force, device=args.device, callback=RichProgress("quickstart")
-    )
+    if (threads := applied()) is not None:
+        print(f"  {threads.line}")
+    progress = RichProgress("quickstart", watch=follow_load())  # says when the load changes the threads
+    result = train(cfg, args.out, resume=not args.force, force=args.force, device=args.device, callback=progress)
     if result.interrupted:
         print(f"interrupted at step {result.step}; run `moekit quickstart --out {args.out}` again to continue")
         return 130

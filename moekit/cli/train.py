@@ -6,7 +6,9 @@ import argparse
 import warnings
 from pathlib import Path
 
+from moekit.cli.args import add_threads_option, with_threads
 from moekit.config import ConfigError
+from moekit.runtime import applied, follow_load
 from moekit.training.config import make_run_config, parse_assignments
 from moekit.training.distributed import Distributed
 from moekit.training.loop import TRAIN_LOG, train
@@ -44,13 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip (and count) steps whose loss or gradient norm is NaN/inf instead of stopping (exit 1)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_option(p)
     par = p.add_argument_group(
         "several processes (launch with torchrun --nproc-per-node N -m moekit train ...; no flags: data parallel)"
     )
     par.add_argument("--ep", type=int, help="expert-parallel group size: ranks sharing out the experts (divides N)")
     par.add_argument("--etp", type=int, help="expert tensor-parallel size: ranks slicing each expert's width")
     par.add_argument("--backend", default="auto", help="torch.distributed backend: gloo, nccl or auto (default)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_threads(run))  # threads chosen before Distributed, which would choose them itself
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Rank 0: progress on stderr (unless --quiet) and always in the run's train.log; the others: none.
         progress = (
-            RichProgress("train", log=Path(args.out) / TRAIN_LOG, show=not args.quiet) if parallel.is_main else None
+            RichProgress(
+                "train", log=Path(args.out) / TRAIN_LOG, show=not args.quiet, notes=_thread_notes(), watch=follow_load()
+            )
+            if parallel.is_main
+            else None
         )
         result = train(
             cfg,
@@ -106,3 +113,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {result.run_dir}/summary.json, metrics.jsonl, {result.checkpoint}")
     return 0
+
+
+def _thread_notes() -> list[str]:
+    choice = applied()
+    return [choice.line] if choice is not None else []

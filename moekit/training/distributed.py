@@ -14,8 +14,9 @@ is a no-op, so the loop has one code path. What it decides:
 - anything that may fail on one rank (the run folder and its lock, data, the layout, rank 0's
   writes) is run ``together``: every rank learns whether some rank failed and exits with that
   rank's exit code; the lowest failing rank alone prints its error (``MoekitError.speaks``);
-- threads: each process takes ``cores / processes on this machine`` intra-op threads (torchrun
-  sets OMP_NUM_THREADS=1); ``MOEKIT_THREADS`` overrides.
+- threads: ``moekit.runtime.set_threads`` shares the free cores among the processes on this
+  machine (torchrun's own OMP_NUM_THREADS=1 is not taken as a choice); ``--threads``,
+  ``MOEKIT_THREADS`` or a user's ``OMP_NUM_THREADS`` override.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moekit import runtime
 from moekit.balancing import chosen_counts, max_vio
 from moekit.config import ConfigError, ModelConfig
 from moekit.errors import MoekitError
@@ -87,9 +89,8 @@ class Distributed:
         if self.world_size > 1 and dist.is_initialized():  # the caller's process group: used as it is
             self.backend, self.started = str(dist.get_backend()), True
         elif self.world_size > 1:
-            threads = os.environ.get("MOEKIT_THREADS")
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(int(threads) if threads else max(1, cores // self.local_world))
+            if runtime.applied() is None:  # the CLI chose already (--threads); a library caller gets the default
+                runtime.set_threads()
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))

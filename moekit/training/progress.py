@@ -4,12 +4,15 @@ On a terminal, a rich progress bar. Anywhere else (nohup, a batch scheduler's lo
 would print nothing until the end, so ``RichProgress`` writes a plain line instead: at the start,
 then at most every ``LINE_EVERY_S`` seconds, and at the last step. Given ``log``, the same lines
 are also appended to that file (``moekit train`` keeps ``train.log`` in the run directory), with
-the bar on a terminal or without any display (``show=False``).
+the bar on a terminal or without any display (``show=False``). ``notes`` (e.g. the threads the
+run chose and why) are said once at the start, on the console and in the log; ``watch`` is asked
+after every step for a line to say the same way (a change of threads, ``moekit.runtime.LoadWatch``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,17 @@ class RichProgress(TrainCallback):
     """One bar (or line stream) per run; loss and tokens/s are those of the latest logged step."""
 
     def __init__(
-        self, description: str = "train", console: Console | None = None, log: Path | None = None, show: bool = True
+        self,
+        description: str = "train",
+        console: Console | None = None,
+        log: Path | None = None,
+        show: bool = True,
+        notes: list[str] | None = None,
+        watch: Callable[[], str | None] | None = None,
     ):
         self.description = description
+        self.notes = list(notes or [])  # said once at the start, e.g. the threads chosen and why
+        self.watch = watch  # called after every step; a line it returns is said (e.g. threads changed)
         self.console = console or Console(stderr=True)
         self.log, self.show = log, show
         self._progress: Progress | None = None
@@ -47,6 +58,8 @@ class RichProgress(TrainCallback):
         self._total, self._first, self._loss, self._tps = total, step, "-", "-"
         self._t0 = self._last = self.clock()
         self._print(f"{self.description}: starting at step {step} of {total}")
+        for note in self.notes:
+            self._say(note)
         if not self.show or self._lines:
             return
         self._progress = Progress(
@@ -64,6 +77,8 @@ class RichProgress(TrainCallback):
         self._task = self._progress.add_task(self.description, total=total, completed=step, loss="-", tps="-")
 
     def on_step(self, step: int, record: dict[str, Any] | None) -> None:
+        if self.watch is not None and (note := self.watch()):
+            self._say(note)
         fields = {}
         if record is not None:
             fields = {"loss": f"{record['loss']:.3f}", "tps": f"{record['tokens_per_s']:,.0f}"}
@@ -80,6 +95,12 @@ class RichProgress(TrainCallback):
             )
         if self._progress is not None:
             self._progress.update(self._task, completed=step, **fields)
+
+    def _say(self, line: str) -> None:
+        """A note: on the console (above the bar, if one shows) and in the log."""
+        if self.show and not self._lines:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+        self._print(line)
 
     def _print(self, line: str) -> None:
         if self._lines:
