@@ -22,6 +22,7 @@ import sys
 import torch
 
 from moekit.bench import QUICK_SHAPES, SHAPES, BenchRow, plot_results, run_bench
+from moekit.bench_models import LAYER_ROW
 from moekit.cli.args import positive_float, positive_int
 from moekit.decode_bench import (
     DECODE_MODELS,
@@ -86,10 +87,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "memory-bandwidth roofline (needs moekit[hf]; minutes)",
     )
     p.add_argument(
+        "--train",
+        action="store_true",
+        help="time a full training step (forward + backward + AdamW): moekit vs transformers on one checkpoint, "
+        "tokens/s and MFU against the measured matmul peak, at 2 and 1 threads, plus one MoE layer's "
+        "forward+backward (needs moekit[hf]; minutes)",
+    )
+    p.add_argument(
         "--model",
         action="append",
-        choices=list(DECODE_MODELS),
-        help="--decode: only this model (repeatable; default both)",
+        choices=[*DECODE_MODELS, LAYER_ROW],
+        help=f"--decode / --train: only this model (repeatable; default all; {LAYER_ROW}: --train's layer row)",
     )
     p.add_argument(
         "--batch",
@@ -131,8 +139,14 @@ def run(args: argparse.Namespace) -> int:
         return run_load(args)
     if args.ep is not None:
         return run_ep(args)
+    if args.decode and args.train:
+        raise MoekitError("--decode and --train are two benchmarks: choose one")
     if args.decode:
         return run_decode(args)
+    if args.train:
+        from moekit.cli.bench_train import run_train
+
+        return run_train(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     selected = [shapes[name] for name in args.shape] if args.shape else list(shapes.values())
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
@@ -192,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
 def run_decode(args: argparse.Namespace) -> int:
     models = QUICK_DECODE_MODELS if args.quick else DECODE_MODELS
     if args.model:
+        if LAYER_ROW in args.model:
+            raise MoekitError(f"--model {LAYER_ROW} is a row of --train; --decode knows {', '.join(models)}")
         models = {name: models[name] for name in args.model}
     batches = args.batch or ([1, 2] if args.quick else [1, 8])
     new_tokens = args.new_tokens or (6 if args.quick else DECODE_NEW_TOKENS)
