@@ -58,7 +58,7 @@ from moekit.accounting import count_flops, count_params
 from moekit.balancing import balance_terms, chosen_counts, update_selection_bias
 from moekit.bench_models import LAYER_ROW, TRAIN_MODELS, layer_model
 from moekit.config import ModelConfig, MoEConfig
-from moekit.errors import MoekitError
+from moekit.errors import RunError
 from moekit.parallel.state import clip_grad_norm_
 from moekit.side_by_side import (
     DEFAULT_HF_IMPLS,
@@ -269,7 +269,7 @@ def _model_row(cfg, ours, theirs, ids_BT, setup: _Setup, rounds, hf_impls, max_s
         loss_ours = float(ours(ids_BT, labels=ids_BT).loss)
         loss_theirs = float(theirs(input_ids=ids_BT, labels=ids_BT, output_router_logits=False).loss)
     if not math.isclose(loss_ours, loss_theirs, rel_tol=tol):
-        raise MoekitError(
+        raise RunError(
             f"bench --train: {cfg.name}: moekit's loss {loss_ours:.6f} and transformers' {loss_theirs:.6f} differ "
             f"at step 0 (same checkpoint): the two would not train the same model"
         )
@@ -309,7 +309,7 @@ def _layer_row(cfg, ours, theirs, n_tokens, setup: _Setup, rounds, hf_impls, max
         diff = float((ffn(x_BTD)[0].float() - y_BTD).abs().max())
         scale = max(1e-3, float(y_BTD.abs().max()))
     if not diff <= (5e-2 if device.type == "cuda" else 1e-4) * scale:
-        raise MoekitError(f"bench --train: the MoE layers' outputs differ by {diff:.3g} on the same weights")
+        raise RunError(f"bench --train: the MoE layers' outputs differ by {diff:.3g} on the same weights")
 
     def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         def call() -> None:
