@@ -9,7 +9,7 @@ attention) load that same folder. Each side runs the step its users run, on the 
 - moekit: the training loop's step (``moekit.training.loop``): forward with labels, the balance
   losses the model's config enables (``balance_terms``), ``zero_grad``, backward, global-norm clip,
   the finite check, AdamW from ``build_optimizer``, and the aux-loss-free bias update when enabled;
-- transformers: forward with labels (its own router aux loss where its config enables one),
+- transformers: forward with labels (with its router aux loss where moekit has one: Qwen3-MoE),
   ``zero_grad``, backward, ``clip_grad_norm_`` and ``torch.optim.AdamW(fused=True)``, which is what
   its ``Trainer`` uses by default with torch >= 2.8 ("adamw_torch_fused"; max_grad_norm 1.0), with
   the same learning rate, betas, weight decay (matrices only) and clip as moekit. Every experts
@@ -129,6 +129,14 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _hf_balance(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers' router aux loss at moekit's coefficient where moekit trains with one (Qwen3-MoE:
+    off in its published config, ``output_router_logits=False``, but the same work as moekit's here)."""
+    if cfg.moe is None or cfg.moe.aux_loss_coef == 0:
+        return {}
+    return {"output_router_logits": True, "router_aux_loss_coef": cfg.moe.aux_loss_coef}
+
+
 def _moekit_step(model, opt, ids_BT, moe: MoEConfig, clip: float, device: torch.device) -> None:
     """One step of ``moekit.training.loop`` (one process, no logging)."""
     with _autocast(device):
@@ -232,7 +240,7 @@ def run_train_bench(
                     say(f"{name}: saving a random model as a Hugging Face folder")
                     MoETransformer(cfg).save_pretrained(folder, format="hf")
                     ours = from_pretrained(folder).to(device).train()
-                    theirs = load_transformers(folder, "bench --train").to(device).train()
+                    theirs = load_transformers(folder, "bench --train", **_hf_balance(cfg)).to(device).train()
                 for n_threads in threads if device.type == "cpu" else [torch.get_num_threads()]:
                     torch.set_num_threads(n_threads)
                     key = (str(device), n_threads)
