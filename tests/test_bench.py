@@ -114,3 +114,16 @@ def test_default_run_leaves_out_the_slow_parts():
         assert r.moekit_ms > 0 and r.dense_ms > 0 and r.moekit_peak_mib is not None and r.reference_peak_mib is None
         timed = r.pass_ == "forward"
         assert (r.reference_ms is not None) == timed and (r.speedup_vs_reference is not None) == timed
+
+
+def test_default_run_times_a_slow_reference_once(monkeypatch):
+    import moekit.bench
+    import moekit.layers.moe
+
+    calls = []
+    reference = moekit.layers.moe.reference_routed
+    monkeypatch.setattr(moekit.layers.moe, "reference_routed", lambda *a: calls.append(1) or reference(*a))
+    monkeypatch.setattr(moekit.bench, "SLOW_REFERENCE_S", 0.0)  # every reference call counts as slow
+    small = dataclasses.replace(QUICK_SHAPES["mixtral-like"], tokens=(8,))
+    (row,) = run_bench([small], repeats=3, device="cpu", full=False)
+    assert len(calls) == 1 and row.reference_ms > 0 and row.repeats == 3  # moekit and dense: every round

@@ -429,7 +429,8 @@ def _print_table(rows: list[BenchRow]) -> None:
     if any(r.reference_ms is None for r in rows):
         notes.append(
             "-: not measured by the default run (the reference's forward+backward, its memory, "
-            "forward+backward at the decode batch); `moekit bench --full` measures them too."
+            "forward+backward at the decode batch), which times a reference call over 1 s once; "
+            "`moekit bench --full` measures everything, with medians."
         )
     if len(rounds) == 1:
         notes.append(f"{rounds[0]} timed rounds per row.")
