@@ -136,3 +136,12 @@ def test_cuda_bf16_rows_run():
     assert [r.device for r in rows] == ["cuda", "cuda"] and all(r.dtype == "bf16 autocast" for r in rows)
     assert rows[0].loss_moekit == pytest.approx(rows[0].loss_hf, rel=2e-2)
     assert all(r.moekit_mfu > 0 and r.peak_tflops > 1 for r in rows)
+
+
+def test_rounds_stop_after_three_once_past_max_seconds(capsys):
+    pytest.importorskip("transformers")
+    base = ["bench", "--train", "--quick", "--threads", "1", "--json", "--model", LAYER_ROW, "--repeats", "4"]
+    for extra, rounds in (([], 4), (["--max-seconds", "0.001"], 3)):
+        assert main([*base, *extra]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["rounds"] == rounds and len(row["ratio_rounds"]) == rounds

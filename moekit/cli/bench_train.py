@@ -20,6 +20,7 @@ from moekit.side_by_side import DEFAULT_HF_IMPLS
 from moekit.train_bench import TrainRow, run_train_bench
 
 TRAIN_ROUNDS = 5
+TRAIN_MAX_SECONDS = 60.0  # a row stops after 3 rounds once it ran this long
 DEFAULT_THREADS = (2, 1)
 
 
@@ -67,7 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
         quick=args.quick,
         rounds=rounds,
         hf_impls=args.hf_impl or DEFAULT_HF_IMPLS,
-        max_seconds=args.max_seconds,
+        max_seconds=args.max_seconds or TRAIN_MAX_SECONDS,
         on_progress=say,
     )
     text = json.dumps([r.to_dict() for r in rows], indent=2)
