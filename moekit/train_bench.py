@@ -29,8 +29,9 @@ MFU = training FLOPs per token x tokens/s / peak FLOP/s.
   et al. 2020 and PaLM, causal masking not discounted) = 3 x forward, forward = 2 x N + A:
   N = matmul weights a token meets (attention projections, routers, shared experts, top_k routed
   experts, dense FFN layers and the LM head; not the input embedding lookup, norms or biases);
-  A = 2 x 2 x S x H x (d_qk + d_v) / 2 per layer = 2·L·H·(d_qk + d_v)·S (scores q·k and the
-  probability-weighted sum of v over all S positions). So training = 6·N + 6·L·H·(d_qk + d_v)·S.
+  A = 2·L·H·(d_qk + d_v)·S: per layer and head, 2 FLOPs per multiply-add for the scores q·k
+  (d_qk each) and the weighted sum of v (d_v each) over all S positions; with d_qk = d_v = hd that
+  is 2 x 2 x S x H x hd per layer. So training = 6·N + 6·L·H·(d_qk + d_v)·S.
   The layer row: 6 x (router D·E + top_k x 3·D·F).
 - Peak = the FLOP/s of one large square matmul measured here (``moekit.side_by_side.matmul_peak``:
   2048 x 2048 fp32 on a CPU, median of 5, the row's threads; 8192 x 8192 bf16 on CUDA).
