@@ -229,7 +229,7 @@ def run_decode_bench(
             say(f"{name}: saving a random model as a Hugging Face folder")
             MoETransformer(cfg).save_pretrained(folder, format="hf")
             ours = from_pretrained(folder).eval()
-            theirs = load_transformers(folder, "bench --decode")
+            theirs = load_transformers(folder, "bench --decode").eval()
         counts = count_params(cfg)
         for b in batches:
             prompt_BT = torch.randint(0, cfg.vocab_size, (b, prompt_tokens), generator=torch.Generator().manual_seed(b))
