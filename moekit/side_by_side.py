@@ -27,9 +27,9 @@ DEFAULT_HF_IMPLS = ("eager", "grouped_mm")
 
 
 def load_transformers(folder: str, what: str, **kwargs):
-    """The transformers model of the Hugging Face ``folder`` (fp32, sdpa attention, quiet; eval mode, as
-    transformers loads it); ``what``
-    names the command in the one-line errors (no transformers, or one without experts implementations)."""
+    """The transformers model of the Hugging Face ``folder`` (fp32, sdpa attention, quiet; ``kwargs``
+    override its config). ``what`` names the command in the one-line errors (no transformers, or one
+    without experts implementations)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
