@@ -220,13 +220,10 @@ def run_train_bench(
     seed: int = 0,
 ) -> list[TrainRow]:
     """Time every model x device (x threads on a CPU); see the module docstring."""
-    from moekit.interop.pretrained import from_pretrained
     from moekit.models import MoETransformer
 
     say = on_progress or (lambda _label: None)
     models, hf_impls, threads = list(models), list(hf_impls), list(threads)
-    batch, seq = (2, 32) if quick else (8, 128)
-    layer_tokens = 128 if quick else 2048
     before = torch.get_num_threads()
     peaks: dict[tuple[str, int], float] = {}
     rows: list[TrainRow] = []
@@ -240,34 +237,41 @@ def run_train_bench(
                 with tempfile.TemporaryDirectory(prefix="moekit-train-bench-") as folder:
                     say(f"{name}: saving a random model as a Hugging Face folder")
                     MoETransformer(cfg).save_pretrained(folder, format="hf")
-                    ours = from_pretrained(folder).to(device).train()
-                    theirs = load_transformers(folder, "bench --train", **_hf_balance(cfg)).to(device).train()
-                for n_threads in threads if device.type == "cpu" else [torch.get_num_threads()]:
-                    torch.set_num_threads(n_threads)
-                    key = (str(device), n_threads)
-                    if key not in peaks:
-                        peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-                        say(f"measuring the {dtype.split()[0]} matmul peak ({device}, {n_threads} torch threads)")
-                        peaks[key] = matmul_peak(device, peak_dtype, n=1024 if quick and device.type == "cpu" else None)
-                    setup = _Setup(device, n_threads, peaks[key])
-                    label = f"{name} {device} {n_threads} thread{'s' if n_threads > 1 else ''}"
-                    if name == LAYER_ROW:
-                        row = _layer_row(
-                            cfg, ours, theirs, layer_tokens, setup, rounds, hf_impls, max_seconds, say, label
-                        )
-                    else:
-                        ids_BT = torch.randint(
-                            0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)
-                        )
-                        row = _model_row(
-                            cfg, ours, theirs, ids_BT.to(device), setup, rounds, hf_impls, max_seconds, say, label
-                        )
-                    row.dtype = dtype
-                    rows.append(row)
-                del ours, theirs
+                    for n_threads in threads if device.type == "cpu" else [torch.get_num_threads()]:
+                        torch.set_num_threads(n_threads)
+                        key = (str(device), n_threads)
+                        if key not in peaks:
+                            say(f"measuring the {dtype.split()[0]} matmul peak ({device}, {n_threads} torch threads)")
+                            peaks[key] = matmul_peak(
+                                device,
+                                torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                n=1024 if quick and device.type == "cpu" else None,
+                            )
+                        setup = _Setup(device, n_threads, peaks[key])
+                        row = _time_row(name, cfg, folder, setup, quick, rounds, hf_impls, max_seconds, say)
+                        row.dtype = dtype
+                        rows.append(row)
     finally:
         torch.set_num_threads(before)
     return rows
+
+
+def _time_row(name, cfg, folder, setup: _Setup, quick, rounds, hf_impls, max_seconds, say) -> TrainRow:
+    """One row: both sides loaded from ``folder`` and timed on ``setup``'s device and threads."""
+    from moekit.interop.pretrained import from_pretrained
+
+    # NOTE: both models are loaded afresh for every row, so each row starts from the saved
+    # checkpoint (a previous row's optimiser steps changed the weights and the routing).
+    device = setup.device
+    ours = from_pretrained(folder).to(device).train()
+    theirs = load_transformers(folder, "bench --train", **_hf_balance(cfg)).to(device).train()
+    label = f"{name} {device} {setup.threads} thread{'s' if setup.threads > 1 else ''}"
+    if name == LAYER_ROW:
+        tokens = 128 if quick else 2048
+        return _layer_row(cfg, ours, theirs, tokens, setup, rounds, hf_impls, max_seconds, say, label)
+    batch, seq = (2, 32) if quick else (8, 128)
+    ids_BT = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    return _model_row(cfg, ours, theirs, ids_BT, setup, rounds, hf_impls, max_seconds, say, label)
 
 
 def _model_row(cfg, ours, theirs, ids_BT, setup: _Setup, rounds, hf_impls, max_seconds, say, label) -> TrainRow:

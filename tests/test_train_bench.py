@@ -145,3 +145,10 @@ def test_rounds_stop_after_three_once_past_max_seconds(capsys):
         assert main([*base, *extra]) == 0
         (row,) = json.loads(capsys.readouterr().out)
         assert row["rounds"] == rounds and len(row["ratio_rounds"]) == rounds
+
+
+def test_every_row_starts_from_the_saved_checkpoint():
+    """Rows at several thread counts: each loads the checkpoint afresh (the previous row trained its models)."""
+    pytest.importorskip("transformers")
+    rows = run_train_bench(["deepseek-v3-like"], threads=[1, 1], quick=True, rounds=1)
+    assert len(rows) == 2 and rows[0].loss_moekit == rows[1].loss_moekit == pytest.approx(rows[1].loss_hf, rel=1e-4)
