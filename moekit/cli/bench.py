@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=None,
         help=f"timed rounds per row (default {DEFAULT_REPEATS}, {FULL_REPEATS} with --full, {QUICK_REPEATS} with --quick; "
-        f"--decode: {DECODE_REPEATS}, 1 with --quick)",
+        f"--decode: {DECODE_REPEATS}, 1 with --quick; --train: 5, 1 with --quick)",
     )
     p.add_argument("--shape", action="append", choices=list(SHAPES), help="only this shape (repeatable)")
     p.add_argument(
@@ -93,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="torch intra-op threads, for every variant alike (default: torch's, usually the core count)",
+        help="torch intra-op threads, for every variant alike (default: torch's, usually the core count; "
+        "--train: rows at 2 and at 1)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory measurement")
     p.add_argument(
