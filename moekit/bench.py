@@ -16,6 +16,13 @@ Timing: one warm-up call per variant, then ``repeats`` rounds that call each var
 order rotated every round, so slow drifts of a shared machine hit all three alike; medians are
 reported. A row stops early once it has 3 rounds and has run for ``max_seconds``.
 
+``full=False`` (the default ``moekit bench``; ``--full`` sets it) leaves out what takes most of the
+time and is read least: decode-sized batches (``DECODE_TOKENS`` or fewer) run forward only (decoding
+does not backpropagate); the reference is timed in forward passes only (its forward+backward at 64+
+experts is 20-130x moekit's: minutes per call at 256 experts), and timed by its warm-up call alone
+when that took over ``SLOW_REFERENCE_S``; peak memory is measured for moekit and dense only. The figures the README quotes (moekit / dense, reference / moekit forward, memory / dense)
+stay; the reference's forward+backward needs ``--full``.
+
 Memory: one more, untimed call per variant under ``torch.profiler`` with ``profile_memory``, which
 records every allocation and free of the torch allocator with its address. The figure is the peak
 of tensor bytes live above those live before the call, not counting the parameter gradients the
@@ -55,6 +62,8 @@ from moekit.layers.moe import MoE
 
 PASSES = ("forward", "forward_backward")
 VARIANTS = ("moekit", "reference", "dense")
+DECODE_TOKENS = 64  # batches this small are decode steps: forward only unless full
+SLOW_REFERENCE_S = 1.0  # unless full, a reference call longer than this is timed once
 
 
 @dataclass(frozen=True)
@@ -132,10 +141,10 @@ class BenchRow:
     tokens: int
     pass_: str  # "forward" | "forward_backward" (``pass`` in ``to_dict``)
     moekit_ms: float
-    reference_ms: float
+    reference_ms: float | None  # None: not timed (forward+backward without --full)
     dense_ms: float
     ratio_vs_dense: float  # moekit / dense: lower is better, 1.0 is dense speed
-    speedup_vs_reference: float  # reference / moekit
+    speedup_vs_reference: float | None  # reference / moekit
     moekit_peak_mib: float | None
     reference_peak_mib: float | None
     dense_peak_mib: float | None
@@ -180,8 +189,10 @@ def run_bench(
     measure_memory: bool = True,
     on_row: Callable[[int, int, str], None] | None = None,
     seed: int = 0,
+    full: bool = True,
 ) -> list[BenchRow]:
     """Time every shape x batch size x pass; ``on_row(done, total, label)`` reports progress.
+    ``full=False`` leaves out the slow, little-read parts (see the module docstring).
 
     ``dtype`` defaults to bf16 on CUDA (the grouped_mm path) and fp32 on CPU.
     """
@@ -193,7 +204,11 @@ def run_bench(
     for p in passes:
         if p not in PASSES:
             raise MoekitError(f"unknown pass {p!r}; expected one of {list(PASSES)}")
-    total = sum(len(s.tokens) for s in shapes) * len(passes)
+
+    def passes_at(n_tokens: int) -> list[str]:
+        return passes if full or n_tokens > DECODE_TOKENS else [p for p in passes if p == "forward"]
+
+    total = sum(len(passes_at(t)) for s in shapes for t in s.tokens)
     rows: list[BenchRow] = []
     for shape in shapes:
         torch.manual_seed(seed)
@@ -204,10 +219,13 @@ def run_bench(
         for n_tokens in shape.tokens:
             x = torch.randn(1, n_tokens, shape.d_model, device=device, dtype=dtype)
             grad = torch.randn_like(x)
-            for pass_ in passes:
+            for pass_ in passes_at(n_tokens):
                 if on_row is not None:
                     on_row(len(rows), total, f"{shape.name} {n_tokens} tokens {pass_}")
-                rows.append(_bench_row(shape, moe, dense, impl, x, grad, pass_, repeats, max_seconds, measure_memory))
+                variants = VARIANTS if full or pass_ == "forward" else ("moekit", "dense")
+                memory = (VARIANTS if full else ("moekit", "dense")) if measure_memory else ()
+                row = _bench_row(shape, moe, dense, impl, x, grad, pass_, repeats, max_seconds, variants, memory, full)
+                rows.append(row)
         del moe, dense
     if on_row is not None:
         on_row(total, total, "done")
@@ -248,21 +266,33 @@ def _variant_calls(
     return {name: make(name) for name in VARIANTS}
 
 
-def _bench_row(shape, moe, dense, impl, x, grad, pass_, repeats, max_seconds, measure_memory) -> BenchRow:
+def _bench_row(shape, moe, dense, impl, x, grad, pass_, repeats, max_seconds, variants, memory, full) -> BenchRow:
+    """One row: ``variants`` timed, the peak memory of those in ``memory``."""
     if pass_ == "forward_backward":
         x = x.detach().requires_grad_()
-    calls = _variant_calls(moe, dense, impl, x, grad, pass_)
+    calls = {k: v for k, v in _variant_calls(moe, dense, impl, x, grad, pass_).items() if k in variants}
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     params = [*moe.parameters(), *dense.parameters(), x]
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for call in calls.values():  # warm-up: first-call allocations, lazy init, cache fill
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    once: set[str] = set()  # timed by their warm-up call alone
+    for name, call in calls.items():  # warm-up: first-call allocations, lazy init, cache fill
         _reset_grads(params)
+        sync()
+        t0 = time.perf_counter()
         call()
-    sync()
+        sync()
+        seconds = time.perf_counter() - t0
+        # NOTE: a reference call this long (seconds, against milliseconds of first-call costs) is
+        # timed once, by its warm-up, unless full: its 4-130x ratio to moekit needs no median.
+        if name == "reference" and not full and seconds > SLOW_REFERENCE_S:
+            times[name].append(seconds)
+            once.add(name)
     start = time.perf_counter()
     for r in range(repeats):
-        names = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+        names = list(calls)[r % len(calls) :] + list(calls)[: r % len(calls)]
         for name in names:
+            if name in once:
+                continue
             # NOTE: freeing the previous call's gradients (zero_grad) is left out of the timing;
             # allocating this call's (the MoE's are E / (top_k + shared) x the dense FFN's) is in.
             _reset_grads(params)
@@ -275,9 +305,11 @@ def _bench_row(shape, moe, dense, impl, x, grad, pass_, repeats, max_seconds, me
             break
     ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
     peaks: dict[str, float | None] = {name: None for name in VARIANTS}
-    if measure_memory:
+    if memory:
         gc.collect()  # nothing of the timed calls may linger into the baseline
         for name, call in calls.items():
+            if name not in memory:
+                continue
             _reset_grads(params)
             with expert_threads(1):  # the profiler sees the calling thread's allocations only
                 peak = peak_extra_bytes(call, params, x.device)
@@ -298,10 +330,10 @@ def _bench_row(shape, moe, dense, impl, x, grad, pass_, repeats, max_seconds, me
         tokens=x.shape[-2],
         pass_=pass_,
         moekit_ms=ms["moekit"],
-        reference_ms=ms["reference"],
+        reference_ms=ms.get("reference"),
         dense_ms=ms["dense"],
         ratio_vs_dense=ms["moekit"] / ms["dense"],
-        speedup_vs_reference=ms["reference"] / ms["moekit"],
+        speedup_vs_reference=ms["reference"] / ms["moekit"] if "reference" in ms else None,
         moekit_peak_mib=peaks["moekit"],
         reference_peak_mib=peaks["reference"],
         dense_peak_mib=peaks["dense"],
@@ -406,7 +438,8 @@ def plot_results(rows: list[BenchRow], path: str) -> None:
         xs = range(len(sel))
         w = 0.38
         ax.bar([i - w / 2 for i in xs], [r.ratio_vs_dense for r in sel], w, label="moekit / dense")
-        ax.bar([i + w / 2 for i in xs], [r.reference_ms / r.dense_ms for r in sel], w, label="reference / dense")
+        ref = [r.reference_ms / r.dense_ms if r.reference_ms is not None else float("nan") for r in sel]
+        ax.bar([i + w / 2 for i in xs], ref, w, label="reference / dense (none: not timed)")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(list(xs), labels, fontsize=7)

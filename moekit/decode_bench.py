@@ -26,7 +26,6 @@ Shapes: B batch, T prompt length, N new tokens.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import tempfile
 import time
@@ -41,11 +40,14 @@ from moekit.accounting import count_params
 from moekit.config import AttentionConfig, ModelConfig, MoEConfig
 from moekit.errors import MoekitError
 from moekit.files import save_png
-
-HF_EXPERT_IMPLS = ("eager", "grouped_mm", "batched_mm")  # transformers 5.24's CPU experts implementations
-# NOTE: "batched_mm" gathers every chosen expert's weight matrices per token; in a full run here it
-# was the slowest at every row (2-4x slower than the best), so it is timed only when asked for.
-DEFAULT_HF_IMPLS = ("eager", "grouped_mm")
+from moekit.side_by_side import (
+    DEFAULT_HF_IMPLS,
+    HF_EXPERT_IMPLS,
+    load_average,
+    load_transformers,
+    paired_ratios,
+    rotated_rounds,
+)
 
 
 def _qwen3_moe_like(tiny: bool) -> ModelConfig:
@@ -182,26 +184,6 @@ class _Clock:
         return self.batch * (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
 
 
-def _load_transformers(folder: str):
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as e:
-        raise MoekitError("bench --decode needs transformers (pip install 'moekit[hf]')") from e
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
-    if not hasattr(model, "set_experts_implementation"):
-        import transformers
-
-        raise MoekitError(
-            f"bench --decode compares against transformers' experts implementations, which transformers "
-            f"{transformers.__version__} lacks; install transformers>=5 (pip install 'moekit[dev]')"
-        )
-    return model
-
-
 def _distinct_experts(model, prompt_BT: Tensor, new_tokens: int) -> float:
     """Mean distinct routed experts per MoE layer per decode step (hooks on the MoE layers)."""
     seen: list[int] = []
@@ -247,7 +229,7 @@ def run_decode_bench(
             say(f"{name}: saving a random model as a Hugging Face folder")
             MoETransformer(cfg).save_pretrained(folder, format="hf")
             ours = from_pretrained(folder).eval()
-            theirs = _load_transformers(folder)
+            theirs = load_transformers(folder, "bench --decode").eval()
         counts = count_params(cfg)
         for b in batches:
             prompt_BT = torch.randint(0, cfg.vocab_size, (b, prompt_tokens), generator=torch.Generator().manual_seed(b))
@@ -258,16 +240,14 @@ def run_decode_bench(
             for which in names:  # warm-up: allocations, lazy initialisation, caches
                 say(f"{name} batch {b}: warm-up {which}")
                 _decode_once(which, ours, theirs, prompt_BT, new_tokens)
-            for r in range(rounds):
-                for which in names[r % len(names) :] + names[: r % len(names)]:
-                    say(f"{name} batch {b}: round {r + 1}/{rounds} {which}")
-                    tok_s, outputs[which] = _decode_once(which, ours, theirs, prompt_BT, new_tokens)
-                    speeds[which].append(tok_s)
+            for r, which in rotated_rounds(names, rounds):
+                say(f"{name} batch {b}: round {r + 1}/{rounds} {which}")
+                tok_s, outputs[which] = _decode_once(which, ours, theirs, prompt_BT, new_tokens)
+                speeds[which].append(tok_s)
             med = {k: statistics.median(v) for k, v in speeds.items()}
             hf = {k: med[k] for k in hf_impls}
             best = max(hf, key=hf.get)
             same = (outputs["moekit"] == outputs[best]).float().mean().item()
-            paired = [m / h for m, h in zip(speeds["moekit"], speeds[best], strict=True)]
             distinct = _distinct_experts(ours, prompt_BT, min(new_tokens, 8))
             always, routed = weight_bytes(cfg, distinct)
             per_token = (always + routed) / b
@@ -282,7 +262,7 @@ def run_decode_bench(
                     hf_tok_s=hf,
                     hf_best_impl=best,
                     ratio_vs_hf=med["moekit"] / hf[best],
-                    ratio_rounds=[round(x, 3) for x in paired],
+                    ratio_rounds=paired_ratios(speeds["moekit"], speeds[best]),
                     same_tokens=same,
                     weight_bytes_per_token=per_token,
                     always_active_bytes=always,
@@ -295,7 +275,7 @@ def run_decode_bench(
                     active_params=counts.active,
                     rounds=rounds,
                     threads=torch.get_num_threads(),
-                    load_avg_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                    load_avg_1m=load_average(),
                 )
             )
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -101,3 +102,28 @@ def test_run_bench_rejects_unknown_pass():
 
     with pytest.raises(MoekitError, match="unknown pass"):
         run_bench(QUICK_SHAPES.values(), repeats=1, passes=["backward"])
+
+
+def test_default_run_leaves_out_the_slow_parts():
+    """Without --full: decode-sized batches forward only, no reference forward+backward, no reference memory."""
+    shape = QUICK_SHAPES["mixtral-like"]
+    small = dataclasses.replace(shape, tokens=(128, 8))
+    rows = run_bench([small], repeats=1, device="cpu", full=False)
+    assert [(r.tokens, r.pass_) for r in rows] == [(128, "forward"), (128, "forward_backward"), (8, "forward")]
+    for r in rows:
+        assert r.moekit_ms > 0 and r.dense_ms > 0 and r.moekit_peak_mib is not None and r.reference_peak_mib is None
+        timed = r.pass_ == "forward"
+        assert (r.reference_ms is not None) == timed and (r.speedup_vs_reference is not None) == timed
+
+
+def test_default_run_times_a_slow_reference_once(monkeypatch):
+    import moekit.bench
+    import moekit.layers.moe
+
+    calls = []
+    reference = moekit.layers.moe.reference_routed
+    monkeypatch.setattr(moekit.layers.moe, "reference_routed", lambda *a: calls.append(1) or reference(*a))
+    monkeypatch.setattr(moekit.bench, "SLOW_REFERENCE_S", 0.0)  # every reference call counts as slow
+    small = dataclasses.replace(QUICK_SHAPES["mixtral-like"], tokens=(8,))
+    (row,) = run_bench([small], repeats=3, device="cpu", full=False)
+    assert len(calls) == 1 and row.reference_ms > 0 and row.repeats == 3  # moekit and dense: every round

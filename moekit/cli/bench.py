@@ -1,11 +1,16 @@
 """``moekit bench``: time the MoE layer against its plain reference and the dense FFN of equal FLOPs.
 
 Shapes: Mixtral-, DeepSeekMoE- and DeepSeek-V3-like layers scaled to a CPU (``moekit.bench.SHAPES``),
-each at a prefill-sized (2048 tokens) and a decode-sized (64 tokens) batch, forward and
-forward+backward. The moekit and reference timings include the router. ``--json`` prints a list of
+each at a prefill-sized (2048 tokens) batch, forward and forward+backward, and a decode-sized (64
+tokens) batch, forward; the reference in forward passes (a few minutes in all). ``--full`` adds
+forward+backward at 64 tokens and the reference's forward+backward and memory (~20 minutes on 2
+cores). The moekit and reference timings include the router. ``--json`` prints a list of
 ``moekit.bench.BenchRow.to_dict()`` objects: ``shape``, ``tokens``, ``pass``, ``moekit_ms``,
 ``reference_ms``, ``dense_ms``, ``ratio_vs_dense``, ``speedup_vs_reference``, ``*_peak_mib``,
 ``memory_vs_dense``, ``*_tflops`` and what ran (impl, device, dtype, threads, widths, load).
+
+``--train`` times a full training step of moekit and transformers on one checkpoint, with tokens/s
+and MFU (``moekit.train_bench``, ``moekit.cli.bench_train``).
 
 ``--decode`` times whole-model greedy decoding instead (``moekit.decode_bench``): moekit's
 ``generate`` against transformers' on the same saved checkpoint, at batch 1 and 8, with the
@@ -22,6 +27,7 @@ import sys
 import torch
 
 from moekit.bench import QUICK_SHAPES, SHAPES, BenchRow, plot_results, run_bench
+from moekit.bench_models import LAYER_ROW
 from moekit.cli.args import positive_float, positive_int
 from moekit.decode_bench import (
     DECODE_MODELS,
@@ -35,8 +41,11 @@ from moekit.decode_bench import (
 from moekit.errors import MoekitError
 from moekit.files import check_may_replace_file, write_text
 
-DEFAULT_REPEATS = 10
+DEFAULT_REPEATS = 5
+FULL_REPEATS = 10
 QUICK_REPEATS = 2
+DEFAULT_MAX_SECONDS = 10.0
+FULL_MAX_SECONDS = 60.0
 DECODE_REPEATS = 5
 DECODE_NEW_TOKENS = 16
 
@@ -55,8 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--repeats",
         type=positive_int,
         default=None,
-        help=f"timed rounds per row (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick; "
-        f"--decode: {DECODE_REPEATS}, 1 with --quick)",
+        help=f"timed rounds per row (default {DEFAULT_REPEATS}, {FULL_REPEATS} with --full, {QUICK_REPEATS} with --quick; "
+        f"--decode: {DECODE_REPEATS}, 1 with --quick; --train: 5, 1 with --quick)",
     )
     p.add_argument("--shape", action="append", choices=list(SHAPES), help="only this shape (repeatable)")
     p.add_argument(
@@ -69,14 +78,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-seconds",
         type=positive_float,
-        default=60.0,
-        help="stop a row's rounds early once it has 3 and ran this long (default 60)",
+        default=None,
+        help=f"stop a row's rounds early once it has 3 and ran this long (default {DEFAULT_MAX_SECONDS:.0f}, "
+        f"{FULL_MAX_SECONDS:.0f} with --full)",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole layer benchmark (~20 min on 2 cores): forward+backward at the decode batch too, the "
+        "reference's forward+backward (minutes per call at 256 experts), its peak memory, "
+        f"{FULL_REPEATS} rounds per row",
     )
     p.add_argument(
         "--threads",
         type=positive_int,
         default=None,
-        help="torch intra-op threads, for every variant alike (default: torch's, usually the core count)",
+        help="torch intra-op threads, for every variant alike (default: torch's, usually the core count; "
+        "--train: rows at 2 and at 1)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory measurement")
     p.add_argument(
@@ -86,10 +104,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "memory-bandwidth roofline (needs moekit[hf]; minutes)",
     )
     p.add_argument(
+        "--train",
+        action="store_true",
+        help="time a full training step (forward + backward + AdamW): moekit vs transformers on one checkpoint, "
+        "tokens/s and MFU against the measured matmul peak, at 2 and 1 threads, plus one MoE layer's "
+        "forward+backward (needs moekit[hf]; minutes)",
+    )
+    p.add_argument(
         "--model",
         action="append",
-        choices=list(DECODE_MODELS),
-        help="--decode: only this model (repeatable; default both)",
+        choices=[*DECODE_MODELS, LAYER_ROW],
+        help=f"--decode / --train: only this model (repeatable; default all; {LAYER_ROW}: --train's layer row)",
     )
     p.add_argument(
         "--batch",
@@ -131,11 +156,19 @@ def run(args: argparse.Namespace) -> int:
         return run_load(args)
     if args.ep is not None:
         return run_ep(args)
+    if args.decode and args.train:
+        raise MoekitError("--decode and --train are two benchmarks: choose one")
     if args.decode:
         return run_decode(args)
+    if args.train:
+        from moekit.cli.bench_train import run_train
+
+        return run_train(args)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     selected = [shapes[name] for name in args.shape] if args.shape else list(shapes.values())
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    full = args.full or args.quick  # --quick: every part, at toy size
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS if args.full else DEFAULT_REPEATS)
+    max_seconds = args.max_seconds or (FULL_MAX_SECONDS if full else DEFAULT_MAX_SECONDS)
     device = None if args.device == "auto" else args.device
     try:
         device = torch.device(device) if device is not None else None
@@ -160,8 +193,9 @@ def run(args: argparse.Namespace) -> int:
             repeats=repeats,
             device=device,
             impl=args.impl,
-            max_seconds=args.max_seconds,
+            max_seconds=max_seconds,
             measure_memory=not args.no_memory,
+            full=full,
             on_row=progress.update,
         )
     finally:
@@ -192,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
 def run_decode(args: argparse.Namespace) -> int:
     models = QUICK_DECODE_MODELS if args.quick else DECODE_MODELS
     if args.model:
+        if LAYER_ROW in args.model:
+            raise MoekitError(f"--model {LAYER_ROW} is a row of --train; --decode knows {', '.join(models)}")
         models = {name: models[name] for name in args.model}
     batches = args.batch or ([1, 2] if args.quick else [1, 8])
     new_tokens = args.new_tokens or (6 if args.quick else DECODE_NEW_TOKENS)
@@ -366,10 +402,10 @@ def _print_table(rows: list[BenchRow]) -> None:
             str(r.tokens),
             "fwd" if r.pass_ == "forward" else "fwd+bwd",
             f"{r.moekit_ms:,.2f}",
-            f"{r.reference_ms:,.2f}",
+            "-" if r.reference_ms is None else f"{r.reference_ms:,.2f}",
             f"{r.dense_ms:,.2f}",
             f"{r.ratio_vs_dense:.2f}",
-            f"{r.speedup_vs_reference:.2f}",
+            "-" if r.speedup_vs_reference is None else f"{r.speedup_vs_reference:.2f}",
             _mib(r.moekit_peak_mib),
             _mib(r.reference_peak_mib),
             _mib(r.dense_peak_mib),
@@ -391,6 +427,12 @@ def _print_table(rows: list[BenchRow]) -> None:
         "read MiB: weights one forward reads (router + shared + experts with a token). "
         "TFLOP/s: dense-equivalent matmul FLOPs / moekit time.",
     ]
+    if any(r.reference_ms is None for r in rows):
+        notes.append(
+            "-: not measured by the default run (the reference's forward+backward, its memory, "
+            "forward+backward at the decode batch), which times a reference call over 1 s once; "
+            "`moekit bench --full` measures everything, with medians."
+        )
     if len(rounds) == 1:
         notes.append(f"{rounds[0]} timed rounds per row.")
     if loads:

@@ -1,21 +1,25 @@
 """``moekit quickstart``: train a tiny DeepSeekMoE on this Python's standard library in about two
 minutes of CPU, then show what it costs (accounting), what it learned (validation loss, plots)
-and what it writes (a sample)."""
+and what it writes (a sample). It ends with its own wall time, which it also appends to the run's
+``train.log`` and records in ``summary.json`` (``quickstart_wall_s``): the README quotes it."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import time
+from pathlib import Path
 
 import torch
 
 from moekit.accounting import account
 from moekit.cli.args import add_threads_option, positive_int, with_threads
+from moekit.files import write_errors, write_json
 from moekit.presets import get_preset
 from moekit.runtime import applied, follow_load
 from moekit.training.config import RunConfig, TrainConfig
 from moekit.training.data import stdlib_source
-from moekit.training.loop import load_run, train
+from moekit.training.loop import SUMMARY_FILE, TRAIN_LOG, load_run, train
 from moekit.training.plots import plot_run
 from moekit.training.progress import RichProgress
 
@@ -99,7 +103,28 @@ def print_routing(model: torch.nn.Module, tokenizer, ids: torch.Tensor, n_tokens
         print(f"    {piece!r:>14} -> {chosen}")
 
 
+def wall_time(seconds: float) -> str:
+    """``"1 min 32 s"`` (or ``"48 s"``, ``"1 h 02 min"``): a wall time as people say it."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def record_wall_time(run_dir: Path, seconds: float, summary: dict) -> str:
+    """The closing line; appended to the run's ``train.log`` and kept in ``summary.json``."""
+    seconds = round(seconds, 1)  # the line says what the summary keeps
+    line = f"quickstart finished in {wall_time(seconds)}"
+    with write_errors(run_dir / TRAIN_LOG, "progress log"), open(run_dir / TRAIN_LOG, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    write_json(run_dir / SUMMARY_FILE, {**summary, "quickstart_wall_s": seconds}, "run summary")
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
     print_showcase()
     cfg = quickstart_config(args.steps)
     moe = cfg.model.moe
@@ -116,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if (threads := applied()) is not None:
         print(f"  {threads.line}")
-    progress = RichProgress("quickstart", watch=follow_load())  # says when the load changes the threads
+    # the same lines as `moekit train`'s; says when the load changes the threads
+    progress = RichProgress("quickstart", log=Path(args.out) / TRAIN_LOG, watch=follow_load())
     result = train(cfg, args.out, resume=not args.force, force=args.force, device=args.device, callback=progress)
     if result.interrupted:
         print(f"interrupted at step {result.step}; run `moekit quickstart --out {args.out}` again to continue")
@@ -139,4 +165,5 @@ def run(args: argparse.Namespace) -> int:
     print("  sample:\n" + "\n".join("    " + line for line in loaded.tokenizer.decode(out[0].tolist()).splitlines()))
     print_routing(loaded.model, loaded.tokenizer, out)
     print(f"Next: `moekit eval {args.out}`, or a longer run: `moekit train --preset tiny --steps 2000 --out runs/tiny`")
+    print(record_wall_time(result.run_dir, time.perf_counter() - start, s))
     return 0

@@ -258,6 +258,11 @@ MALFORMED = [
     (["bench", "--save", "@missing/rows.json"], 2, "does not exist"),
     (["bench", "--save", "@file"], 2, "was not written by moekit"),
     (["bench", "--plot", "@pngs/loss.png"], 2, "was not written by moekit"),
+    (["bench", "--train", "--save", "@file"], 2, "was not written by moekit"),
+    (["bench", "--train", "--plot", "@pngs/loss.png"], 2, "was not written by moekit"),
+    (["bench", "--train", "--device", "tpu"], 2, "tpu"),
+    (["bench", "--train", "--decode"], 2, "choose one"),
+    (["bench", "--decode", "--model", "moe-layer"], 2, "--model moe-layer"),
     # quickstart (refused before training)
     (["quickstart", "--steps", "0", "--out", "@new"], 2, "--steps"),
     (["quickstart", "--out", "@file"], 2, "is a file, not a folder"),
