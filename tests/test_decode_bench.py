@@ -50,8 +50,7 @@ def test_quick_decode_run_agrees_with_transformers(capsys, tmp_path):
         assert set(r["hf_tok_s"]) == {"eager", "grouped_mm"}
         assert len(r["ratio_rounds"]) == 1
         assert r["ratio_vs_hf"] == pytest.approx(r["moekit_tok_s"] / max(r["hf_tok_s"].values()))
-        best = r["hf_best_impl"]
-        assert r["cpu_ratio_vs_hf"] == pytest.approx(r["moekit_cpu_tok_s"] / r["hf_cpu_tok_s"][best])
+        assert r["cpu_ratio_vs_hf"] == pytest.approx(r["moekit_cpu_tok_s"] / max(r["hf_cpu_tok_s"].values()))
         assert set(r["hf_cpu_tok_s"]) == set(r["hf_tok_s"]) and r["moekit_cpu_tok_s"] > 0
         assert r["roofline_tok_s"] == pytest.approx(r["read_gb_s"] * 1e9 / r["weight_bytes_per_token"])
         assert r["threads"] == 1 and r["read_gb_s"] > 0

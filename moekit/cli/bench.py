@@ -276,7 +276,8 @@ def _print_decode_table(rows: list[DecodeRow]) -> None:
     loads = [r.load_avg_1m for r in rows if r.load_avg_1m is not None]
     notes = [
         "Decode tokens/s = batch x (steps - 1) / time between the first and last new token (prefill left out).",
-        "In CPU time: the same ratio per second of the process's CPU time (time spent waiting for a core left out).",
+        "In CPU time: moekit / transformers' fastest, both per second of the process's CPU time (waits for a core "
+        "left out).",
         "MiB/token: weights one decode step reads / batch: always-active weights (one embedding row) + the distinct "
         "routed experts the step chose (accounting x routing).",
         f"Roofline = read bandwidth / MiB per token; read bandwidth {first.read_gb_s:.1f} GB/s "
