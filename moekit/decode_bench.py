@@ -9,7 +9,12 @@ alike; medians are reported and the ratio is taken against transformers' fastest
 ``ratio_rounds``: both sides of a round ran under the same load).
 
 Decode tokens/s counts only the decode steps: a streamer stamps the time of each new token, and
-``batch * (steps - 1) / (last stamp - first stamp)`` leaves the prompt (prefill) out.
+``batch * (steps - 1) / (last stamp - first stamp)`` leaves the prompt (prefill) out. Each stamp
+holds the wall clock and the process's CPU time (``time.process_time``, every thread): on a
+machine shared with other work the wall clock also counts the time the process waited for a core,
+which falls on whichever side ran in a busy spell; the CPU-time speed (``*_cpu_tok_s``,
+``cpu_ratio_vs_hf``) leaves that wait out. It still includes what other work costs in shared caches
+and memory bandwidth, and with several threads it counts OpenMP's spin-waiting as work.
 
 The roofline: at small batch a decode step is bound by reading weights. Bytes per decoded token =
 (always-active weights + the routed experts the step actually chose) / batch, from the analytic
@@ -124,6 +129,9 @@ class DecodeRow:
     hf_best_impl: str
     ratio_vs_hf: float  # moekit / transformers' fastest (ratio of the medians)
     ratio_rounds: list[float]  # moekit / transformers' fastest within each round (paired, same conditions)
+    moekit_cpu_tok_s: float  # the same, per second of the process's CPU time (waits for a core left out)
+    hf_cpu_tok_s: dict[str, float]
+    cpu_ratio_vs_hf: float  # moekit / transformers' fastest, both in CPU time
     same_tokens: float  # fraction of new tokens on which moekit and transformers agree (greedy)
     weight_bytes_per_token: float
     always_active_bytes: int  # per decode step: attention, norms, routers, shared, dense, head, one embedding row
@@ -166,22 +174,26 @@ def weight_bytes(cfg: ModelConfig, distinct_experts_per_layer: float, itemsize: 
 
 
 class _Clock:
-    """A streamer that stamps the time each step's new tokens arrive (the prompt put is ignored)."""
+    """A streamer that stamps the wall clock and the process's CPU time each time a step's new
+    tokens arrive (the prompt put is ignored)."""
 
     def __init__(self, batch: int):
-        self.batch, self.stamps = batch, []
+        self.batch, self.stamps, self.cpu_stamps = batch, [], []
 
     def put(self, tokens: Tensor) -> None:
         if tokens.numel() == self.batch and (tokens.dim() == 1 or tokens.shape[-1] == 1):
             self.stamps.append(time.perf_counter())
+            self.cpu_stamps.append(time.process_time())
 
     def end(self) -> None:
         pass
 
-    def tokens_per_s(self) -> float:
-        if len(self.stamps) < 2:
+    def tokens_per_s(self, cpu: bool = False) -> float:
+        """Decode tokens per second of wall clock, or of CPU time (``cpu``)."""
+        stamps = self.cpu_stamps if cpu else self.stamps
+        if len(stamps) < 2:
             raise MoekitError("decode bench: fewer than 2 new tokens were stamped; raise --new-tokens")
-        return self.batch * (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+        return self.batch * (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
 
 
 def _distinct_experts(model, prompt_BT: Tensor, new_tokens: int) -> float:
@@ -234,6 +246,7 @@ def run_decode_bench(
         for b in batches:
             prompt_BT = torch.randint(0, cfg.vocab_size, (b, prompt_tokens), generator=torch.Generator().manual_seed(b))
             speeds: dict[str, list[float]] = {"moekit": [], **{impl: [] for impl in hf_impls}}
+            cpu_speeds: dict[str, list[float]] = {k: [] for k in speeds}
             outputs: dict[str, Tensor] = {}
 
             names = list(speeds)
@@ -242,9 +255,11 @@ def run_decode_bench(
                 _decode_once(which, ours, theirs, prompt_BT, new_tokens)
             for r, which in rotated_rounds(names, rounds):
                 say(f"{name} batch {b}: round {r + 1}/{rounds} {which}")
-                tok_s, outputs[which] = _decode_once(which, ours, theirs, prompt_BT, new_tokens)
+                tok_s, cpu_tok_s, outputs[which] = _decode_once(which, ours, theirs, prompt_BT, new_tokens)
                 speeds[which].append(tok_s)
+                cpu_speeds[which].append(cpu_tok_s)
             med = {k: statistics.median(v) for k, v in speeds.items()}
+            cpu_med = {k: statistics.median(v) for k, v in cpu_speeds.items()}
             hf = {k: med[k] for k in hf_impls}
             best = max(hf, key=hf.get)
             same = (outputs["moekit"] == outputs[best]).float().mean().item()
@@ -263,6 +278,9 @@ def run_decode_bench(
                     hf_best_impl=best,
                     ratio_vs_hf=med["moekit"] / hf[best],
                     ratio_rounds=paired_ratios(speeds["moekit"], speeds[best]),
+                    moekit_cpu_tok_s=cpu_med["moekit"],
+                    hf_cpu_tok_s={k: cpu_med[k] for k in hf_impls},
+                    cpu_ratio_vs_hf=cpu_med["moekit"] / max(cpu_med[k] for k in hf_impls),
                     same_tokens=same,
                     weight_bytes_per_token=per_token,
                     always_active_bytes=always,
@@ -281,9 +299,9 @@ def run_decode_bench(
     return rows
 
 
-def _decode_once(which: str, ours, theirs, prompt_BT: Tensor, new_tokens: int) -> tuple[float, Tensor]:
+def _decode_once(which: str, ours, theirs, prompt_BT: Tensor, new_tokens: int) -> tuple[float, float, Tensor]:
     """One greedy generation by moekit ("moekit") or transformers (an experts implementation):
-    decode tokens/s and the new tokens ``[B, N]``."""
+    decode tokens/s by wall clock and by CPU time, and the new tokens ``[B, N]``."""
     clock = _Clock(prompt_BT.shape[0])
     with torch.no_grad():
         if which == "moekit":
@@ -299,7 +317,7 @@ def _decode_once(which: str, ours, theirs, prompt_BT: Tensor, new_tokens: int) -
                 streamer=clock,
                 pad_token_id=0,
             )
-    return clock.tokens_per_s(), out[:, prompt_BT.shape[1] :]
+    return clock.tokens_per_s(), clock.tokens_per_s(cpu=True), out[:, prompt_BT.shape[1] :]
 
 
 def plot_decode(rows: list[DecodeRow], path: str) -> None:

@@ -33,8 +33,9 @@ def test_clock_counts_decode_steps_only():
     clock.put(torch.zeros(2, 16))  # transformers puts the prompt first: ignored
     for t in (1.0, 1.5, 2.0):
         clock.put(torch.zeros(2))
-        clock.stamps[-1] = t
+        clock.stamps[-1], clock.cpu_stamps[-1] = t, t / 4  # a quarter of the wall time on a core
     assert clock.tokens_per_s() == pytest.approx(2 * 2 / 1.0)
+    assert clock.tokens_per_s(cpu=True) == pytest.approx(2 * 2 / 0.25)
 
 
 def test_quick_decode_run_agrees_with_transformers(capsys, tmp_path):
@@ -49,6 +50,8 @@ def test_quick_decode_run_agrees_with_transformers(capsys, tmp_path):
         assert set(r["hf_tok_s"]) == {"eager", "grouped_mm"}
         assert len(r["ratio_rounds"]) == 1
         assert r["ratio_vs_hf"] == pytest.approx(r["moekit_tok_s"] / max(r["hf_tok_s"].values()))
+        assert r["cpu_ratio_vs_hf"] == pytest.approx(r["moekit_cpu_tok_s"] / max(r["hf_cpu_tok_s"].values()))
+        assert set(r["hf_cpu_tok_s"]) == set(r["hf_tok_s"]) and r["moekit_cpu_tok_s"] > 0
         assert r["roofline_tok_s"] == pytest.approx(r["read_gb_s"] * 1e9 / r["weight_bytes_per_token"])
         assert r["threads"] == 1 and r["read_gb_s"] > 0
     assert rows[0]["distinct_experts_per_layer"] == 4  # batch 1: exactly top_k

@@ -283,7 +283,15 @@ def _print_decode_table(rows: list[DecodeRow]) -> None:
         f"prompt, {first.new_tokens} new tokens, median of {first.rounds} interleaved rounds; tokens/s",
         title_justify="left",
     )
-    for col in ["model", "batch", "moekit", *(f"hf {i}" for i in impls), "moekit/hf best", "same tokens"]:
+    for col in [
+        "model",
+        "batch",
+        "moekit",
+        *(f"hf {i}" for i in impls),
+        "moekit/hf best",
+        "in CPU time",
+        "same tokens",
+    ]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for col in ["MiB/token", "roofline", "of roofline"]:
         table.add_column(col, justify="right")
@@ -294,6 +302,7 @@ def _print_decode_table(rows: list[DecodeRow]) -> None:
             f"{r.moekit_tok_s:,.1f}",
             *(f"{r.hf_tok_s[i]:,.1f}" for i in impls),
             f"{r.ratio_vs_hf:.2f} ({r.hf_best_impl}; rounds {min(r.ratio_rounds):.2f}-{max(r.ratio_rounds):.2f})",
+            f"{r.cpu_ratio_vs_hf:.2f}",
             f"{100 * r.same_tokens:.0f}%",
             f"{r.weight_bytes_per_token / 2**20:,.1f}",
             f"{r.roofline_tok_s:,.1f}",
@@ -303,6 +312,8 @@ def _print_decode_table(rows: list[DecodeRow]) -> None:
     loads = [r.load_avg_1m for r in rows if r.load_avg_1m is not None]
     notes = [
         "Decode tokens/s = batch x (steps - 1) / time between the first and last new token (prefill left out).",
+        "In CPU time: moekit / transformers' fastest, both per second of the process's CPU time (waits for a core "
+        "left out).",
         "MiB/token: weights one decode step reads / batch: always-active weights (one embedding row) + the distinct "
         "routed experts the step chose (accounting x routing).",
         f"Roofline = read bandwidth / MiB per token; read bandwidth {first.read_gb_s:.1f} GB/s "

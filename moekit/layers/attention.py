@@ -275,13 +275,22 @@ class LatentAttention(nn.Module):
         """
         # NOTE: decode cost per token is O(L (C + R)) per head, not O(L · H · (nope + v)) for
         # re-expanding every cached latent; the expanded path stays for prefill (T ~ L).
-        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        # NOTE: written as three batched matmuls and a softmax over ``[B, H*T, L]`` rather than
+        # SDPA: with one key head SDPA's math kernel expands the latent to every head (a copy per
+        # call) and adds ~30 small ops; at batch 1 these, not the arithmetic, were the step's cost.
+        b, h, t, _ = q_nope.shape
+        n = latent_BLC.shape[1]
+        w_HXC = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope, self.v_dim], dim=1)
-        q_lat_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk_HNC)
-        q_BHTX = torch.cat([q_lat_BHTC, q_rot], dim=-1)
-        k_B1LX = (kv_BLX if kv_BLX is not None else torch.cat([latent_BLC, k_rot_BLR], dim=-1)).unsqueeze(1)
-        out_BHTC = causal_attention(q_BHTX, k_B1LX, latent_BLC.unsqueeze(1), self.scale, None, mask)
-        return torch.einsum("bhtc,hvc->bhtv", out_BHTC, w_uv_HVC)
+        q_BHTX = torch.cat([torch.matmul(q_nope, w_uk_HNC), q_rot], dim=-1)
+        k_BLX = kv_BLX if kv_BLX is not None else torch.cat([latent_BLC, k_rot_BLR], dim=-1)
+        scores_BML = torch.bmm(q_BHTX.reshape(b, h * t, -1), k_BLX.transpose(1, 2)).mul_(self.scale)  # M = H*T
+        if mask is None and t > 1:
+            mask = end_aligned_causal_mask(t, n, q_nope.device)
+        if mask is not None:
+            scores_BML.view(b, h, t, n).masked_fill_(~mask, float("-inf"))
+        out_BMC = torch.bmm(scores_BML.softmax(dim=-1), latent_BLC)
+        return torch.matmul(out_BMC.view(b, h, t, -1), w_uv_HVC.transpose(1, 2))
 
 
 def build_attention(

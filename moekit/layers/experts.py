@@ -243,9 +243,13 @@ def fused_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) ->
 # machine deschedules). Gate and up stay two matmuls: the layout keeps w1 and w3 apart, and one
 # matmul over both would need a concatenated copy of the weights. At 64 assignments (batch 8 x
 # top-8, 8 such layers, busy machine) this path and the fused one ran level: 9.0 against 9.7 ms per
-# layer on one thread, 22 against 26 ms on two; past that the sorted dispatch takes over. A single
-# row goes through ``torch.linalg.vecdot(w, x)`` rather than ``F.linear``/``torch.mv`` (MKL's sgemv
-# on this AMD CPU): 65 against 85 us per cold 192 x 512 matrix, a whole decode step 32.4 against 36.3 ms.
+# layer on one thread, 22 against 26 ms on two; past that the sorted dispatch takes over.
+# A single row goes through ``torch.linalg.vecdot(w, x)`` rather than ``F.linear``/``torch.mv`` (MKL's
+# sgemv on this AMD CPU): 65 against 85 us per cold 192 x 512 matrix, a whole decode step 32.4 against
+# 36.3 ms. Re-measured (CPU time, one thread, busy machine, cold / cache-warm): gate/up-shaped
+# [192, 512] mv 44 / 12 us, vecdot 42 / 24; down-shaped [512, 192] mv 58 / 14, vecdot 38 / 25; in a
+# whole batch-1 step, mv for gate and up and vecdot for down was 4% slower than vecdot for all.
+# A gathered copy of the chosen experts then one ``bmm`` cost 140-150 us per expert (index_select).
 DECODE_MAX_ASSIGNMENTS = 64
 
 
@@ -253,6 +257,12 @@ def _mv(w_OI: Tensor, x_I: Tensor, b_O: Tensor | None) -> Tensor:
     """``w @ x (+ b)`` as ``linalg.vecdot`` (see the NOTE above), ``[O]``."""
     y_O = torch.linalg.vecdot(w_OI, x_I)
     return y_O if b_O is None else y_O + b_O
+
+
+def _one_row(ex: Experts, e: int, x_D: Tensor) -> Tensor:
+    """Expert ``e`` on one row, weights read in place: ``[D]``."""
+    b1, b3, b2 = (None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2))
+    return _mv(ex.w2[e], F.silu(_mv(ex.w1[e], x_D, b1)) * _mv(ex.w3[e], x_D, b3), b2)
 
 
 def decode_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) -> Tensor:
@@ -263,10 +273,19 @@ def decode_experts(ex: Experts, x_TD: Tensor, d: Dispatch, weights_TK: Tensor) -
     per expert); the gate weights scale the concatenated outputs once, and one ``index_add``
     returns them to their tokens.
     """
-    gate_N1 = weights_TK.reshape(-1).index_select(0, d.order_N).to(x_TD.dtype).unsqueeze(1)
+    gate_N = weights_TK.reshape(-1).index_select(0, d.order_N).to(x_TD.dtype)
     counts = d.counts_E.tolist()
     grad = torch.is_grad_enabled()
-    if not grad and x_TD.device.type == "cpu" and worker_count() > 1:
+    on_workers = x_TD.device.type == "cpu" and worker_count() > 1
+    if not grad and x_TD.shape[0] == 1 and not on_workers:
+        # NOTE: one token (batch-1 decode): no token bookkeeping; the K outputs are stacked and
+        # mixed by their gate weights in one product, ``gate_K @ y_KD``.
+        outs = [_one_row(ex, e, x_TD[0]) for e, n in enumerate(counts) if n]
+        if not outs:
+            return torch.zeros_like(x_TD)
+        return (gate_N @ torch.stack(outs)).unsqueeze(0)
+    gate_N1 = gate_N.unsqueeze(1)
+    if not grad and on_workers:
         return _decode_on_workers(ex, x_TD, d, gate_N1, counts)
     w1s, w3s, w2s = (w.unbind(0) if grad and w.requires_grad else w for w in (ex.w1, ex.w3, ex.w2))
     tokens = d.token_N.tolist()
@@ -300,12 +319,11 @@ def _decode_on_workers(ex: Experts, x_TD: Tensor, d: Dispatch, gate_N1: Tensor, 
 
     def run(experts, acc_TD: Tensor) -> None:
         for e, tok_n, gate_n1 in experts:
-            x_nD = x_TD.index_select(0, tok_n)
-            b1, b3, b2 = (None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2))
             if tok_n.shape[0] == 1:
-                h_F = F.silu(_mv(ex.w1[e], x_nD[0], b1)) * _mv(ex.w3[e], x_nD[0], b3)
-                y_nD = _mv(ex.w2[e], h_F, b2).unsqueeze(0)
+                y_nD = _one_row(ex, e, x_TD[tok_n[0]]).unsqueeze(0)
             else:
+                x_nD = x_TD.index_select(0, tok_n)
+                b1, b3, b2 = (None if b is None else b[e] for b in (ex.b1, ex.b3, ex.b2))
                 y_nD = F.linear(F.silu(F.linear(x_nD, ex.w1[e], b1)) * F.linear(x_nD, ex.w3[e], b3), ex.w2[e], b2)
             acc_TD.index_add_(0, tok_n, y_nD * gate_n1)
 

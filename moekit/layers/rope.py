@@ -147,9 +147,33 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x_BHTR: Tensor, cos_TR: Tensor, sin_TR: Tensor, interleaved: bool = False) -> Tensor:
-    """Rotate ``x``; ``interleaved`` first regroups (x0, x1, x2, x3, ...) pairs into halves."""
+    """Rotate ``x``; ``interleaved`` first regroups (x0, x1, x2, x3, ...) pairs into halves.
+
+    ``x * cos + rotate_half(x) * sin``, computed as ``x * cos + roll(x) * (sin with its first half
+    negated)``: rotate_half(x) is roll(x) with its first half negated, and moving that sign onto
+    ``sin`` is exact, so the result is bit-for-bit the same (for any ``sin``).
+    """
     if interleaved:
         *lead, r = x_BHTR.shape
         x_BHTR = x_BHTR.view(*lead, r // 2, 2).transpose(-1, -2).reshape(*lead, r)
-    cos, sin = cos_TR.to(x_BHTR.dtype), sin_TR.to(x_BHTR.dtype)
-    return x_BHTR * cos + rotate_half(x_BHTR) * sin
+    if cos_TR.dtype != x_BHTR.dtype:
+        cos_TR, sin_TR = cos_TR.to(x_BHTR.dtype), sin_TR.to(x_BHTR.dtype)
+    # NOTE: 4 ops instead of 8 (chunk, neg, cat and two dtype casts), per q and k of every layer:
+    # at batch-1 decode a rotation costs its op count, not its arithmetic.
+    return x_BHTR * cos_TR + x_BHTR.roll(x_BHTR.shape[-1] // 2, dims=-1) * _half_negated(sin_TR)
+
+
+def _half_negated(sin_TR: Tensor) -> Tensor:
+    """``sin`` with its first half negated, memoised for the last table seen: every layer of a
+    forward pass gets the same cos/sin tensors from the shared ``RotaryEmbedding``."""
+    memo = _NEGATED.get(id(sin_TR))
+    if memo is not None and memo[0] is sin_TR:
+        return memo[1]
+    s1, s2 = sin_TR.chunk(2, dim=-1)
+    signed = torch.cat((-s1, s2), dim=-1)
+    _NEGATED.clear()  # one entry: the tables of the current forward pass
+    _NEGATED[id(sin_TR)] = (sin_TR, signed)
+    return signed
+
+
+_NEGATED: dict[int, tuple[Tensor, Tensor]] = {}

@@ -105,6 +105,7 @@ CASES = {
     "capacity drops": dict(n_tokens=25, n_experts=6, top_k=3, d_model=8, ffn=8, drop=0.3, bias=True),
     "everything dropped": dict(n_tokens=6, n_experts=4, top_k=2, d_model=8, ffn=8, drop=1.0),
     "one token": dict(n_tokens=1, n_experts=7, top_k=3, d_model=8, ffn=8),
+    "one token, biases, drops": dict(n_tokens=1, n_experts=7, top_k=4, d_model=8, ffn=8, bias=True, drop=0.5),
 }
 
 
@@ -123,9 +124,13 @@ def test_fused_on_worker_threads_matches_reference(threads, case):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
-@pytest.mark.parametrize("case", ["fine-grained", "empty experts", "capacity drops", "one token", "everything dropped"])
+@pytest.mark.parametrize(
+    "case",
+    ["fine-grained", "empty experts", "capacity drops", "one token", "one token, biases, drops", "everything dropped"],
+)
 def test_decode_without_grad_on_worker_threads_matches_reference(threads, case):
-    """Inference on more than one thread hands the chosen experts to single-threaded workers."""
+    """Inference on more than one thread hands the chosen experts to single-threaded workers; on
+    one thread a single token takes the one-token path (its K outputs mixed by one product)."""
     ex, x_TD, routing = make_case(**CASES[case])
     ex.impl = "decode"
     d = sort_by_expert(routing.idx_TK, ex.n_experts, routing.keep_TK)

@@ -104,3 +104,18 @@ def test_phimoe_longrope_matches_transformers_on_both_sides_of_the_original_leng
         got = ours(positions)
         torch.testing.assert_close(got[0], cos[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got[1], sin[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_apply_rope_equals_the_rotate_half_formula_bit_for_bit(dtype):
+    """The roll-and-signed-sin form gives exactly ``x * cos + rotate_half(x) * sin`` (any tables,
+    fp32 tables cast to x's dtype), so switching to it changed no decoded token."""
+    from moekit.layers.rope import rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+    cos, sin = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    want = x * cos.to(dtype) + rotate_half(x) * sin.to(dtype)
+    assert torch.equal(apply_rope(x, cos, sin), want)
+    sin2 = torch.randn(5, 8, generator=g)  # a new table is not served from the memo of the last one
+    assert torch.equal(apply_rope(x, cos, sin2), x * cos.to(dtype) + rotate_half(x) * sin2.to(dtype))
