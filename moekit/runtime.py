@@ -280,9 +280,11 @@ def prepare_openmp(argv: list[str], machine: Machine | None = None) -> str | Non
     steps of the tiny preset forced to 2 threads took 66.3 and 82.5 s with libgomp's spin against
     15.9 and 16.2 s passive; 1 thread took 18.3 and 18.4 s. Under heavier load (6 steps, load
     average 4-6) the two policies were within the noise (default 12.9, 18.2, 14.3 s; passive
-    15.6, 14.0, 14.8 s). An idle machine could not be measured (it never stayed idle), so an
-    idle start keeps OpenMP's default and its quick wake-ups; passive is set for a busy start,
-    where spinning takes time other processes want.
+    15.6, 14.0, 14.8 s). With one core spinning on an otherwise quiet machine, 20 steps on 2
+    passive threads took 19.1 s against 17.6 s on 1 thread idle (the issue measured 62 s against
+    46 s with the spin). Idle-machine cost of passive was not measured (the machine rarely stayed
+    idle long enough), so an idle start keeps OpenMP's default and its quick wake-ups; passive is
+    set for a busy start, where spinning takes time other processes want.
     """
     global _wait_policy_set
     user_set = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
