@@ -282,9 +282,10 @@ def prepare_openmp(argv: list[str], machine: Machine | None = None) -> str | Non
     average 4-6) the two policies were within the noise (default 12.9, 18.2, 14.3 s; passive
     15.6, 14.0, 14.8 s). With one core spinning on an otherwise quiet machine, 20 steps on 2
     passive threads took 19.1 s against 17.6 s on 1 thread idle (the issue measured 62 s against
-    46 s with the spin). Idle-machine cost of passive was not measured (the machine rarely stayed
-    idle long enough), so an idle start keeps OpenMP's default and its quick wake-ups; passive is
-    set for a busy start, where spinning takes time other processes want.
+    46 s with the spin). On the idle machine, 2 threads: spin 10.8 and 11.5 s, passive 10.5 and
+    13.6 s (--cases idle-2 --wait-policy spin,passive --rounds 2): no gain, maybe a small cost,
+    so an idle start keeps OpenMP's default and its quick wake-ups; passive is set for a busy
+    start, where spinning takes time other processes want.
     """
     global _wait_policy_set
     user_set = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
