@@ -267,23 +267,29 @@ def read_machine(sample_s: float = SAMPLE_S, fresh_s: float = 10.0) -> Machine:
 def prepare_openmp(argv: list[str], machine: Machine | None = None) -> str | None:
     """Before anything loads libgomp (it reads OMP_WAIT_POLICY once, when torch is imported): for
     a training command (``argv[0]``: train, quickstart) on a busy machine, and unless the user set
-    a policy, set ``OMP_WAIT_POLICY=passive``. Returns the policy set, or None.
+    a policy (OMP_WAIT_POLICY or libgomp's GOMP_SPINCOUNT), set ``OMP_WAIT_POLICY=passive``.
+    Returns the policy set, or None.
 
     NOTE: by default an OpenMP worker spins for a while after each parallel region (libgomp:
     GOMP_SPINCOUNT 300000; passive: 0), waiting for the next; on a machine whose cores other
     processes want, the spinning steals their time. Measured before (moekit.layers.expert_threads):
     a DeepSeek-V3-like layer on a busy 2-core machine ran 45x dense with the default spin against
-    2.0x with passive single-threaded workers. Measured here (scripts/busy_machine.py, 6 steps of
-    the tiny preset forced to 2 threads, 2 cores at load average 4-6 from other jobs): default
-    37.5 and 11.0 s against passive 7.7 and 17.6 s; with one more spinning process, default 12.9,
-    18.2, 14.3 s against passive 15.6, 14.0, 14.8 s: under that much load the policy is lost in
-    the noise, and at 1 thread (what ``choose_threads`` picks on a busy machine) it has no team to
-    wait for. An idle machine could not be measured (it never was idle), so an idle start keeps
-    OpenMP's default and its quick wake-ups; passive is set only for a busy start, where spinning
-    takes time other processes want.
+    2.0x with passive single-threaded workers. Measured here (scripts/busy_machine.py --cases
+    idle-1,busy-auto,busy-2 --wait-policy default,spin --steps 10 --rounds 2; 2 cores, one kept
+    busy by a spinning process while other jobs took about one more, load average 3.7-4.7): 10
+    steps of the tiny preset forced to 2 threads took 66.3 and 82.5 s with libgomp's spin against
+    15.9 and 16.2 s passive; 1 thread took 18.3 and 18.4 s. Under heavier load (6 steps, load
+    average 4-6) the two policies were within the noise (default 12.9, 18.2, 14.3 s; passive
+    15.6, 14.0, 14.8 s). With one core spinning on an otherwise quiet machine, 20 steps on 2
+    passive threads took 19.1 s against 17.6 s on 1 thread idle (the issue measured 62 s against
+    46 s with the spin). On the idle machine, 2 threads: spin 10.8 and 11.5 s, passive 10.5 and
+    13.6 s (--cases idle-2 --wait-policy spin,passive --rounds 2): no gain, maybe a small cost,
+    so an idle start keeps OpenMP's default and its quick wake-ups; passive is set for a busy
+    start, where spinning takes time other processes want.
     """
     global _wait_policy_set
-    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules or not argv or argv[0] not in TRAINING_COMMANDS:
+    user_set = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    if user_set or "torch" in sys.modules or not argv or argv[0] not in TRAINING_COMMANDS:
         return None
     machine = machine or read_machine()
     if machine.busy is None or machine.busy <= TOLERATED_BUSY:

@@ -50,9 +50,12 @@ SPIN = "while True:\n    pass\n"
 
 def train_env(wait_policy: str | None) -> dict[str, str]:
     """The environment of a timed run: this repository importable, no thread settings inherited."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MOEKIT_THREADS", "OMP_WAIT_POLICY")}
+    drop = ("OMP_NUM_THREADS", "MOEKIT_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    if wait_policy and wait_policy != "default":
+    if wait_policy == "spin":  # libgomp's own default (spin 300000 rounds, then sleep), which moekit leaves alone
+        env["GOMP_SPINCOUNT"] = "300000"
+    elif wait_policy in ("active", "passive"):
         env["OMP_WAIT_POLICY"] = wait_policy
     return env
 
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--wait-policy",
         default="default",
-        help="OMP_WAIT_POLICY of the timed runs: default (unset), active, passive, or a comma list to compare",
+        help="OpenMP waiting in the timed runs: default (moekit's choice: passive on a busy start), spin "
+        "(libgomp's default), passive, active, or a comma list to compare",
     )
     p.add_argument("--set", dest="sets", action="append", default=[], help="passed to moekit train (repeatable)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -203,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [c for c in names if c not in CASES]:
         p.error(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
     policies = [w.strip() for w in args.wait_policy.split(",") if w.strip()]
-    if bad := [w for w in policies if w not in ("default", "active", "passive")]:
-        p.error(f"unknown --wait-policy {bad[0]!r}; choose from default, active, passive")
+    if bad := [w for w in policies if w not in ("default", "spin", "active", "passive")]:
+        p.error(f"unknown --wait-policy {bad[0]!r}; choose from default, spin, active, passive")
     loadavg = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="moekit-busy-") as tmp:
         folder = Path(tmp)

@@ -264,12 +264,13 @@ torch.ones(1)
         (["train", "0.1"], {}, "None", "300000"),  # idle: OpenMP's own default (spin a while, then sleep)
         (["params", "1.0"], {}, "None", "300000"),  # not a training command
         (["train", "1.0"], {"OMP_WAIT_POLICY": "active"}, "None", "30000000000"),  # the user's setting stays
+        (["train", "1.0"], {"GOMP_SPINCOUNT": "1000"}, "None", "1000"),  # so does a tuned spin count
     ],
 )
 def test_wait_policy_reaches_openmp(argv, env, printed, spins):
     """libgomp's own report of its settings (OMP_DISPLAY_ENV) after ``prepare_openmp`` and ``import torch``."""
     root = Path(__file__).resolve().parents[1]
-    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     run_env = {**base, **env, "OMP_DISPLAY_ENV": "verbose", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], env=run_env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
