@@ -153,15 +153,24 @@ def test_run_threads_sets_and_restores(monkeypatch):
 
 
 def test_one_thread_means_no_expert_pool():
-    """The experts' loop runs its groups on ``torch.get_num_threads()`` workers: one thread, none."""
+    """The experts' loop runs big calls on ``torch.get_num_threads()`` workers: one thread, none;
+    small calls stay in the calling thread whatever the count (see moekit/layers/expert_threads.py)."""
     seen = []
     rows_N = torch.zeros(12, 4)
+    acc_TD = torch.zeros(12, 4)
+
+    def run(experts, acc):
+        seen.append(threading.current_thread())
+
+    big = 2**25  # rows x width x D = 12 x 2^25 x 4, past the workers' threshold
     with runtime.run_threads(1):
-        _map_experts(lambda experts, acc: seen.append(threading.current_thread()), [3, 3, 3, 3], 8, None, rows_N)
+        _map_experts(run, [3, 3, 3, 3], big, acc_TD, rows_N)
     assert seen == [threading.main_thread()]
     with runtime.run_threads(2):
-        _map_experts(lambda experts, acc: seen.append(threading.current_thread()), [3, 3, 3, 3], 8, None, rows_N)
-    assert len(seen) == 3 and threading.main_thread() not in seen[1:]
+        _map_experts(run, [3, 3, 3, 3], 8, acc_TD, rows_N)  # small: inline
+        assert seen == [threading.main_thread()] * 2
+        _map_experts(run, [3, 3, 3, 3], big, acc_TD, rows_N)
+    assert len(seen) == 4 and threading.main_thread() not in seen[2:]
 
 
 def test_train_threads_reach_torch_and_the_log(tmp_path, monkeypatch, capsys):
