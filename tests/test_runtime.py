@@ -162,12 +162,13 @@ def test_one_thread_means_no_expert_pool():
     def run(experts, acc):
         seen.append(threading.current_thread())
 
-    big = 2**25  # rows x width x D = 12 x 2^25 x 4, past the workers' threshold
+    big = 2**14  # rows x width x D = 12 x 2^14 x 2^14: past the workers' threshold, experts still small
+    acc_TD = torch.zeros(12, 2**14)
     with runtime.run_threads(1):
         _map_experts(run, [3, 3, 3, 3], big, acc_TD, rows_N)
     assert seen == [threading.main_thread()]
     with runtime.run_threads(2):
-        _map_experts(run, [3, 3, 3, 3], 8, acc_TD, rows_N)  # small: inline
+        _map_experts(run, [40, 40, 40, 40], 8, acc_TD[:, :8], torch.zeros(160, 4))  # small call: inline
         assert seen == [threading.main_thread()] * 2
         _map_experts(run, [3, 3, 3, 3], big, acc_TD, rows_N)
     assert len(seen) == 4 and threading.main_thread() not in seen[2:]

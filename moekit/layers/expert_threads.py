@@ -30,9 +30,28 @@ from torch import Tensor
 #   2048 tokens, D 512, 64 experts x 192, top-8 (1.6 G):                   240 / 272 ms
 # With OMP_WAIT_POLICY=passive the workers won at every size, but every other op of a training step
 # (one OpenMP region each) then pays a futex wake: the small layer inline took 54 ms instead of 23.
-# So workers only for calls of at least ``_WORKERS_FROM`` rows x width x D; on one thread (what a busy
-# machine gets, see ``moekit.runtime``) it is always the calling thread.
+# So, on more than one thread:
+# - big experts (mean rows x width >= ``_BIG_EXPERT``, e.g. Mixtral's 512 rows x 14336): the calling
+#   thread; intra-op threads split each large matmul well (hidden 1024, Mixtral-like at 2048 tokens:
+#   0.94x dense inline, 1.23x on workers);
+# - small experts with few rows each (< ``_FEW_ROWS``, e.g. 64 tokens x top-8 over 256 experts: two
+#   rows each): workers; matmuls of a few rows are too small for intra-op threads to split at all;
+# - otherwise workers only for calls of at least ``_WORKERS_FROM`` rows x width x D, where the spin
+#   is paid back (the table above).
+# On one thread (what a busy machine gets, see ``moekit.runtime``) it is always the calling thread.
+_BIG_EXPERT = 2**18
+_FEW_ROWS = 32
 _WORKERS_FROM = 2**29
+
+
+def _use_workers(counts: list[int], n_experts: int, ffn: int, d_model: int) -> bool:
+    """Whether the non-empty experts (``n_experts`` of them, ``counts`` rows) go to workers (the NOTE above)."""
+    rows = sum(counts)
+    mean_rows = rows / n_experts
+    if mean_rows * ffn >= _BIG_EXPERT:
+        return False
+    return mean_rows < _FEW_ROWS or rows * ffn * d_model >= _WORKERS_FROM
+
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -42,8 +61,8 @@ _threads_override: int | None = None
 @contextlib.contextmanager
 def expert_threads(n: int | None):
     """Run the fused CPU loop on ``n`` worker threads inside the block (1: in the calling thread
-    with torch's own intra-op threads; None, the default: ``torch.get_num_threads()`` workers for
-    big calls, the calling thread for small ones, see the NOTE above)."""
+    with torch's own intra-op threads; None, the default: ``torch.get_num_threads()`` workers where
+    they pay, see the NOTE above)."""
     global _threads_override
     if n is not None and n < 1:
         raise ValueError(f"expert_threads needs n >= 1 or None, got {n}")
@@ -96,16 +115,17 @@ def _map_experts(
     """Call ``run(experts, acc)`` on groups of the non-empty experts and return ``acc`` summed.
 
     ``experts`` lists ``(e, *[rows of expert e in each of rows_N])`` (None stays None). Off the CPU,
-    with one thread, or when the whole call is too small to gain from workers (rows x ``ffn``, the
-    expert width, x the width of ``acc``; no ``acc``: small), it is one call in this thread; otherwise
-    one call per worker, each with its own zeroed copy of ``acc`` to accumulate into.
+    with one thread, or where workers would not pay (``_use_workers``: rows, ``ffn`` the expert width,
+    the width of ``acc``), it is one call in this thread; otherwise one call per worker, each with
+    its own zeroed copy of ``acc`` to accumulate into.
     """
     parts = [(None,) * len(counts) if r is None else r.split(counts) for r in rows_N]
     experts = [(e, *(p[e] for p in parts)) for e, n in enumerate(counts) if n]
     n_groups = 1
     if rows_N[0].device.type == "cpu" and experts:
-        work = sum(counts) * ffn * (acc_TD.shape[-1] if acc_TD is not None else 0)
-        threads = _threads_override or (torch.get_num_threads() if work >= _WORKERS_FROM else 1)
+        d_model = acc_TD.shape[-1] if acc_TD is not None else 0
+        workers = _use_workers(counts, len(experts), ffn, d_model)
+        threads = _threads_override or (torch.get_num_threads() if workers else 1)
         n_groups = min(threads, len(experts))
     if n_groups <= 1:
         run(experts, acc_TD)

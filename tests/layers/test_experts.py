@@ -344,3 +344,18 @@ def test_auto_decodes_small_batches_and_keeps_the_sorted_dispatch_for_prefill(mo
     assert calls == [("fused", 20)] * 2 + [("decode", 1)] * 2 * 4  # prefill, then 4 steps x 2 layers
     model.set_moe_impl("reference")
     torch.testing.assert_close(model.generate(prompt, 5, eos_token_id=[]), out)
+
+
+@pytest.mark.parametrize(
+    "counts, ffn, d_model, expected",
+    [
+        ([256] * 16, 128, 256, False),  # a small training layer: the calling thread (spin not paid back)
+        ([256] * 64, 192, 512, True),  # a big call of small experts: workers
+        ([2] * 256, 256, 1024, True),  # decode-size rows: matmuls too small for intra-op threads
+        ([512] * 8, 14336, 4096, False),  # Mixtral-size experts: intra-op threads split each matmul
+    ],
+)
+def test_when_the_experts_go_to_workers(counts, ffn, d_model, expected):
+    from moekit.layers.expert_threads import _use_workers
+
+    assert _use_workers(counts, len(counts), ffn, d_model) is expected
