@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from moekit.accounting import count_params
-from moekit.config import AttentionConfig, ModelConfig, MoEConfig
+from moekit.bench_models import DECODE_MODELS, QUICK_DECODE_MODELS
+from moekit.config import ModelConfig
 from moekit.errors import MoekitError
 from moekit.files import save_png
 from moekit.side_by_side import (
@@ -53,67 +54,6 @@ from moekit.side_by_side import (
     paired_ratios,
     rotated_rounds,
 )
-
-
-def _qwen3_moe_like(tiny: bool) -> ModelConfig:
-    # Qwen3-MoE in miniature: every layer MoE, 64 experts x 192, top-8 renormalised, GQA 8/2, q/k norm.
-    return ModelConfig(
-        name="qwen3-moe-like",
-        vocab_size=512 if tiny else 8192,
-        d_model=64 if tiny else 512,
-        n_layers=2 if tiny else 8,
-        attention=AttentionConfig(n_heads=8, n_kv_heads=2, head_dim=8 if tiny else 64, qk_norm="head", rope_theta=1e6),
-        dense_ffn_dim=128 if tiny else 1536,  # unused: every layer is MoE
-        moe=MoEConfig(n_routed_experts=16 if tiny else 64, top_k=4 if tiny else 8, expert_ffn_dim=16 if tiny else 192),
-        max_seq_len=512,
-    )
-
-
-def _deepseek_v3_like(tiny: bool) -> ModelConfig:
-    # DeepSeek-V3 in miniature: MLA, layer 0 dense, then 64 experts x 160 top-8 (sigmoid, 8 groups,
-    # top-4 groups, scaling 2.5, selection bias) + 1 shared: 9 x 160 active FFN width against the
-    # Qwen-like model's 8 x 192, and MLA's attention weights near its GQA's.
-    return ModelConfig(
-        name="deepseek-v3-like",
-        vocab_size=512 if tiny else 8192,
-        d_model=64 if tiny else 512,
-        n_layers=2 if tiny else 8,
-        attention=AttentionConfig(
-            n_heads=8,
-            kind="mla",
-            q_lora_rank=32 if tiny else 192,
-            kv_lora_rank=16 if tiny else 128,
-            qk_nope_head_dim=8 if tiny else 64,
-            qk_rope_head_dim=8 if tiny else 32,
-            v_head_dim=8 if tiny else 64,
-            rope_interleave=True,
-        ),
-        dense_ffn_dim=144 if tiny else 1440,
-        moe=MoEConfig(
-            n_routed_experts=16 if tiny else 64,
-            top_k=4 if tiny else 8,
-            expert_ffn_dim=16 if tiny else 160,
-            n_shared_experts=1,
-            score_func="sigmoid",
-            norm_topk_prob=True,
-            routed_scaling_factor=2.5,
-            n_group=8,
-            topk_group=4,
-            selection_bias=True,
-            first_k_dense=1,
-        ),
-        max_seq_len=512,
-    )
-
-
-DECODE_MODELS: dict[str, Callable[[], ModelConfig]] = {
-    "qwen3-moe-like": lambda: _qwen3_moe_like(False),
-    "deepseek-v3-like": lambda: _deepseek_v3_like(False),
-}
-QUICK_DECODE_MODELS: dict[str, Callable[[], ModelConfig]] = {
-    "qwen3-moe-like": lambda: _qwen3_moe_like(True),
-    "deepseek-v3-like": lambda: _deepseek_v3_like(True),
-}
 
 
 @dataclass
