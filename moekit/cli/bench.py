@@ -27,27 +27,18 @@ import sys
 import torch
 
 from moekit.bench import QUICK_SHAPES, SHAPES, BenchRow, plot_results, run_bench
-from moekit.bench_models import LAYER_ROW
+from moekit.bench_models import DECODE_MODELS, LAYER_ROW
 from moekit.cli.args import positive_float, positive_int
-from moekit.decode_bench import (
-    DECODE_MODELS,
-    DEFAULT_HF_IMPLS,
-    HF_EXPERT_IMPLS,
-    QUICK_DECODE_MODELS,
-    DecodeRow,
-    plot_decode,
-    run_decode_bench,
-)
+from moekit.cli.bench_decode import DECODE_NEW_TOKENS, DECODE_REPEATS, run_decode
 from moekit.errors import MoekitError
 from moekit.files import check_may_replace_file, write_text
+from moekit.side_by_side import DEFAULT_HF_IMPLS, HF_EXPERT_IMPLS
 
 DEFAULT_REPEATS = 5
 FULL_REPEATS = 10
 QUICK_REPEATS = 2
 DEFAULT_MAX_SECONDS = 10.0
 FULL_MAX_SECONDS = 60.0
-DECODE_REPEATS = 5
-DECODE_NEW_TOKENS = 16
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -221,107 +212,6 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"Plot written to {args.plot}.")
     return 0
-
-
-def run_decode(args: argparse.Namespace) -> int:
-    models = QUICK_DECODE_MODELS if args.quick else DECODE_MODELS
-    if args.model:
-        if LAYER_ROW in args.model:
-            raise MoekitError(f"--model {LAYER_ROW} is a row of --train; --decode knows {', '.join(models)}")
-        models = {name: models[name] for name in args.model}
-    batches = args.batch or ([1, 2] if args.quick else [1, 8])
-    new_tokens = args.new_tokens or (6 if args.quick else DECODE_NEW_TOKENS)
-    if new_tokens < 2:
-        raise MoekitError("--new-tokens must be at least 2 (decode speed is timed between new tokens)")
-    rounds = args.repeats or (1 if args.quick else DECODE_REPEATS)
-    if args.save:
-        check_may_replace_file(args.save, "--save")
-    if args.plot:
-        check_may_replace_file(args.plot, "--plot")
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    say = (lambda _label: None) if args.json else (lambda label: print(f"bench --decode: {label}", file=sys.stderr))
-    try:
-        rows = run_decode_bench(
-            models,
-            batches,
-            new_tokens=new_tokens,
-            rounds=rounds,
-            hf_impls=args.hf_impl or DEFAULT_HF_IMPLS,
-            on_progress=say,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    text = json.dumps([r.to_dict() for r in rows], indent=2)
-    if args.json:
-        print(text, flush=True)
-    else:
-        _print_decode_table(rows)
-    if args.save:
-        write_text(args.save, text + "\n", "--save")
-        if not args.json:
-            print(f"Rows written to {args.save}.")
-    if args.plot:
-        plot_decode(rows, args.plot)
-        if not args.json:
-            print(f"Plot written to {args.plot}.")
-    return 0
-
-
-def _print_decode_table(rows: list[DecodeRow]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 200)
-    first = rows[0]
-    impls = list(first.hf_tok_s)
-    table = Table(
-        title=f"moekit bench --decode: cpu, float32, torch threads {first.threads}, greedy, {first.prompt_tokens}-token "
-        f"prompt, {first.new_tokens} new tokens, median of {first.rounds} interleaved rounds; tokens/s",
-        title_justify="left",
-    )
-    for col in [
-        "model",
-        "batch",
-        "moekit",
-        *(f"hf {i}" for i in impls),
-        "moekit/hf best",
-        "in CPU time",
-        "same tokens",
-    ]:
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for col in ["MiB/token", "roofline", "of roofline"]:
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            r.model,
-            str(r.batch),
-            f"{r.moekit_tok_s:,.1f}",
-            *(f"{r.hf_tok_s[i]:,.1f}" for i in impls),
-            f"{r.ratio_vs_hf:.2f} ({r.hf_best_impl}; rounds {min(r.ratio_rounds):.2f}-{max(r.ratio_rounds):.2f})",
-            f"{r.cpu_ratio_vs_hf:.2f}",
-            f"{100 * r.same_tokens:.0f}%",
-            f"{r.weight_bytes_per_token / 2**20:,.1f}",
-            f"{r.roofline_tok_s:,.1f}",
-            f"{100 * r.roofline_fraction:.0f}%",
-        )
-    console.print(table)
-    loads = [r.load_avg_1m for r in rows if r.load_avg_1m is not None]
-    notes = [
-        "Decode tokens/s = batch x (steps - 1) / time between the first and last new token (prefill left out).",
-        "In CPU time: moekit / transformers' fastest, both per second of the process's CPU time (waits for a core "
-        "left out).",
-        "MiB/token: weights one decode step reads / batch: always-active weights (one embedding row) + the distinct "
-        "routed experts the step chose (accounting x routing).",
-        f"Roofline = read bandwidth / MiB per token; read bandwidth {first.read_gb_s:.1f} GB/s "
-        "(median torch.sum over a 512 MiB fp32 tensor, same threads).",
-    ]
-    if loads:
-        notes.append(f"Machine load average while timing: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs.")
-    console.print("\n".join(notes))
 
 
 class _Progress:
