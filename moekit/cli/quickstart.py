@@ -19,9 +19,10 @@ from moekit.presets import get_preset
 from moekit.runtime import applied, follow_load
 from moekit.training.config import RunConfig, TrainConfig
 from moekit.training.data import stdlib_source
-from moekit.training.loop import SUMMARY_FILE, TRAIN_LOG, load_run, train
+from moekit.training.loop import load_run, train
 from moekit.training.plots import plot_run
 from moekit.training.progress import RichProgress
+from moekit.training.run_dir import SUMMARY_FILE, TRAIN_LOG
 
 PRESET = "tiny"
 # Published models whose cost the demo prints first: the numbers people most often get wrong.

@@ -11,8 +11,9 @@ from moekit.config import ConfigError
 from moekit.runtime import applied, follow_load
 from moekit.training.config import make_run_config, parse_assignments
 from moekit.training.distributed import Distributed
-from moekit.training.loop import TRAIN_LOG, train
+from moekit.training.loop import train
 from moekit.training.progress import RichProgress
+from moekit.training.run_dir import TRAIN_LOG
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
