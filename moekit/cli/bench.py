@@ -20,7 +20,6 @@ memory-bandwidth roofline; ``--json`` then prints ``DecodeRow.to_dict()`` object
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -30,8 +29,8 @@ from moekit.bench import QUICK_SHAPES, SHAPES, BenchRow, plot_results, run_bench
 from moekit.bench_models import DECODE_MODELS, LAYER_ROW
 from moekit.cli.args import positive_float, positive_int
 from moekit.cli.bench_decode import DECODE_NEW_TOKENS, DECODE_REPEATS, run_decode
+from moekit.cli.bench_output import check_destinations, report_rows
 from moekit.errors import MoekitError
-from moekit.files import check_may_replace_file, write_text
 from moekit.side_by_side import DEFAULT_HF_IMPLS, HF_EXPERT_IMPLS
 
 DEFAULT_REPEATS = 5
@@ -169,11 +168,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoekitError(f"--device {args.device}: CUDA is not available on this machine")
     if device is not None and device.type not in ("cpu", "cuda"):
         raise MoekitError(f"--device {args.device}: expected cpu, cuda or cuda:N")
-    # Check the destinations before minutes of timing, not after.
-    if args.save:
-        check_may_replace_file(args.save, "--save")
-    if args.plot:
-        check_may_replace_file(args.plot, "--plot")
+    check_destinations(args)
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -192,25 +187,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
         torch.set_num_threads(threads)  # main() may run inside a longer-lived process (tests, notebooks)
-    # Results first, in the order least likely to fail: nothing after the timings may lose them.
-    text = json.dumps([r.to_dict() for r in rows], indent=2)
-    if args.json:
-        print(text, flush=True)
-    else:
-        _print_table(rows)
-    if args.save:
-        try:
-            write_text(args.save, text + "\n", "--save")
-        except MoekitError:
-            if not args.json:
-                print(text, flush=True)  # the rows survive on stdout
-            raise
-    if args.save and not args.json:
-        print(f"Rows written to {args.save}.")
-    if args.plot:
-        plot_results(rows, args.plot)
-        if not args.json:
-            print(f"Plot written to {args.plot}.")
+    report_rows(rows, args, lambda: _print_table(rows), plot_results)
     return 0
 
 
@@ -352,31 +329,19 @@ def run_ep(args: argparse.Namespace) -> int:
 
     if args.plot:
         raise MoekitError("--plot draws the layer benchmark; with --ep use --json or --save")
-    if args.save:  # checked before the processes start, not after
-        check_may_replace_file(args.save, "--save")
+    check_destinations(args)  # before the processes start, not after
     steps = args.repeats or (QUICK_REPEATS if args.quick else 5)
     results = run_ep_bench(args.ep, steps=steps, quick=args.quick, threads=args.threads)
-    text = json.dumps([r.to_dict() for r in results], indent=2)
-    print(text if args.json else format_report(results), flush=True)  # results first: the save may fail
-    if args.save:
-        try:
-            write_text(args.save, text + "\n", "--save")
-        except MoekitError:
-            if not args.json:
-                print(text, flush=True)  # the rows survive on stdout
-            raise
+    report_rows(results, args, lambda: print(format_report(results), flush=True))
     return 0
 
 
 def run_load(args: argparse.Namespace) -> int:
     from moekit.parallel.load_bench import format_report, run_load_bench
 
+    if args.plot:
+        raise MoekitError("--plot draws the layer benchmark; with --load-sharded use --json or --save")
+    check_destinations(args)  # a file moekit did not write is refused before the processes start
     rows = run_load_bench(args.load_sharded, quick=args.quick)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
-    else:
-        print(format_report(rows))
-    if args.save:
-        with open(args.save, "w") as f:
-            json.dump([r.to_dict() for r in rows], f, indent=2)
+    report_rows(rows, args, lambda: print(format_report(rows)))
     return 0

@@ -7,16 +7,15 @@ work, reports progress on stderr, and prints the table (or ``--json``), ``--save
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 from moekit.bench_models import DECODE_MODELS, LAYER_ROW, QUICK_DECODE_MODELS
+from moekit.cli.bench_output import check_destinations, report_rows
 from moekit.decode_bench import DecodeRow, plot_decode, run_decode_bench
 from moekit.errors import MoekitError
-from moekit.files import check_may_replace_file, write_text
 from moekit.side_by_side import DEFAULT_HF_IMPLS
 
 DECODE_REPEATS = 5
@@ -34,10 +33,7 @@ def run_decode(args: argparse.Namespace) -> int:
     if new_tokens < 2:
         raise MoekitError("--new-tokens must be at least 2 (decode speed is timed between new tokens)")
     rounds = args.repeats or (1 if args.quick else DECODE_REPEATS)
-    if args.save:
-        check_may_replace_file(args.save, "--save")
-    if args.plot:
-        check_may_replace_file(args.plot, "--plot")
+    check_destinations(args)
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -53,19 +49,7 @@ def run_decode(args: argparse.Namespace) -> int:
         )
     finally:
         torch.set_num_threads(threads)
-    text = json.dumps([r.to_dict() for r in rows], indent=2)
-    if args.json:
-        print(text, flush=True)
-    else:
-        _print_decode_table(rows)
-    if args.save:
-        write_text(args.save, text + "\n", "--save")
-        if not args.json:
-            print(f"Rows written to {args.save}.")
-    if args.plot:
-        plot_decode(rows, args.plot)
-        if not args.json:
-            print(f"Plot written to {args.plot}.")
+    report_rows(rows, args, lambda: _print_decode_table(rows), plot_decode)
     return 0
 
 

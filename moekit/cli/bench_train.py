@@ -7,15 +7,15 @@ work, reports progress on stderr, and prints the table (or ``--json``), ``--save
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 from moekit.bench_models import LAYER_ROW, TRAIN_MODELS
+from moekit.cli.bench_output import check_destinations, report_rows
 from moekit.errors import MoekitError
-from moekit.files import check_may_replace_file, save_png, write_text
+from moekit.files import save_png
 from moekit.side_by_side import DEFAULT_HF_IMPLS
 from moekit.train_bench import TrainRow, run_train_bench
 
@@ -54,10 +54,7 @@ def run_train(args: argparse.Namespace) -> int:
     threads = [args.threads] if args.threads else ([1] if args.quick else list(DEFAULT_THREADS))
     rounds = args.repeats or (1 if args.quick else TRAIN_ROUNDS)
     devices, skipped = devices_for(args.device)
-    if args.save:  # the destinations are checked before minutes of timing, not after
-        check_may_replace_file(args.save, "--save")
-    if args.plot:
-        check_may_replace_file(args.plot, "--plot")
+    check_destinations(args)
     say = (lambda _label: None) if args.json else (lambda label: print(f"bench --train: {label}", file=sys.stderr))
     if skipped:
         print(skipped, file=sys.stderr)
@@ -71,19 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds or TRAIN_MAX_SECONDS,
         on_progress=say,
     )
-    text = json.dumps([r.to_dict() for r in rows], indent=2)
-    if args.json:
-        print(text, flush=True)
-    else:
-        print_train_table(rows, skipped)
-    if args.save:
-        write_text(args.save, text + "\n", "--save")
-        if not args.json:
-            print(f"Rows written to {args.save}.")
-    if args.plot:
-        plot_train(rows, args.plot)
-        if not args.json:
-            print(f"Plot written to {args.plot}.")
+    report_rows(rows, args, lambda: print_train_table(rows, skipped), plot_train)
     return 0
 
 

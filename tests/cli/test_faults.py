@@ -263,6 +263,9 @@ MALFORMED = [
     (["bench", "--train", "--device", "tpu"], 2, "tpu"),
     (["bench", "--train", "--decode"], 2, "choose one"),
     (["bench", "--decode", "--model", "moe-layer"], 2, "--model moe-layer"),
+    (["bench", "--decode", "--save", "@file"], 2, "was not written by moekit"),
+    (["bench", "--load-sharded", "2", "--save", "@file"], 2, "was not written by moekit"),
+    (["bench", "--load-sharded", "2", "--plot", "@new"], 2, "--plot"),
     # quickstart (refused before training)
     (["quickstart", "--steps", "0", "--out", "@new"], 2, "--steps"),
     (["quickstart", "--out", "@file"], 2, "is a file, not a folder"),
